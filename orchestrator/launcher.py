@@ -1,0 +1,156 @@
+"""The only module that talks to Ray: connect or start a cluster, check the workers fit, run the TorchTrainer.
+
+Each Ray Train worker runs :func:`orchestrator.train_loop.train_worker` with a :class:`RayContext`. Progress
+flows back to the driver's console through a small Ray queue (``ray.train.report`` blocks for the
+controller's poll interval, so it is called only at evaluation and checkpoint steps).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from orchestrator.planning import placement_problem, worker_resources
+from orchestrator.spec import JobSpec, SpecError
+
+os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+
+
+class TrainingFailed(RuntimeError):
+    """The Ray Train run failed; the message holds the worker's error."""
+
+
+class RayContext:
+    """The worker side of Ray Train behind :class:`orchestrator.session.WorkerContext`."""
+
+    def __init__(self, progress_queue):
+        import ray.train
+
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self._queue = progress_queue
+
+    @contextmanager
+    def restore(self) -> Iterator[str | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as folder:
+            yield folder
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None, name: str) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint_dir else None)
+
+    def progress(self, update: dict[str, Any]) -> None:
+        if self._queue is not None and self.rank == 0:
+            self._queue.actor.put_nowait.remote(update)  # fire and forget: never stall training on the console
+
+
+def _worker_entry(config: dict[str, Any]) -> None:
+    from orchestrator.train_loop import train_worker
+
+    spec = JobSpec.model_validate(config["spec"])
+    train_worker(spec, RayContext(config["progress"]), config["tracking_uri"], config["run_id"])
+
+
+def connect(verbose: bool = False) -> None:
+    """Joins the cluster at $RAY_ADDRESS, or starts a local one; Ray's log noise stays out unless verbose."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    ray.init(
+        address=address,
+        include_dashboard=False if not address else None,
+        log_to_driver=verbose,
+        logging_level=logging.INFO if verbose else logging.ERROR,
+    )
+
+
+def check_placement(spec: JobSpec) -> None:
+    """Refuses, with the numbers, a job whose workers the cluster cannot place (Ray would wait forever)."""
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    problem = placement_problem(spec, nodes)
+    if problem:
+        raise SpecError(problem)
+
+
+def run_training(spec: JobSpec, tracking_uri: str, run_id: str, on_progress: Callable[[dict], None],
+                 verbose: bool = False) -> dict[str, float]:
+    """Runs the job on the connected cluster; returns rank 0's final metrics.
+
+    Raises:
+        TrainingFailed: when the workers fail beyond ``scaling.max_failures``.
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Empty, Queue
+
+    progress = Queue(actor_options={"num_cpus": 0})
+    stop = threading.Event()
+
+    def pump() -> None:
+        while not stop.is_set():
+            try:
+                on_progress(progress.get(timeout=0.5))
+            except Empty:
+                continue
+            except Exception:  # the queue actor is gone at shutdown
+                return
+
+    trainer = TorchTrainer(
+        _worker_entry,
+        train_loop_config={"spec": spec.model_dump(), "progress": progress, "tracking_uri": tracking_uri,
+                           "run_id": run_id},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=spec.scaling.num_workers,
+            use_gpu=spec.scaling.use_gpu,
+            resources_per_worker=worker_resources(spec),
+            placement_strategy=spec.scaling.placement_strategy,
+        ),
+        torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=spec.run_name(),
+            storage_path=os.path.join(spec.output_dir, "ray"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=spec.scaling.max_failures),
+            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if spec.scaling.use_gpu else "cpu",
+                                             "TRANSFORMERS_VERBOSITY": "info" if verbose else "error",
+                                             "TOKENIZERS_PARALLELISM": "false"}},
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
+        ),
+    )
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    try:
+        result = trainer.fit()
+    except Exception as error:  # Ray wraps worker errors in TrainingFailedError and friends
+        raise TrainingFailed(_worker_error(error)) from error
+    finally:
+        stop.set()
+        thread.join(timeout=2)
+        while not progress.empty():  # deliver what arrived after the pump stopped
+            on_progress(progress.get_nowait())
+    if result.error:
+        raise TrainingFailed(_worker_error(result.error))
+    return dict(result.metrics or {})
+
+
+def _worker_error(error: BaseException) -> str:
+    """The last line of the worker's traceback (the actual error), not Ray's wrapping."""
+    text = str(error).strip()
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith(" ")]
+    return lines[-1] if lines else type(error).__name__

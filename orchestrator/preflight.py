@@ -1,0 +1,31 @@
+"""Checks that need the user's files but no cluster: data, labels, batch plan, model config, LoRA targets.
+
+``orchestrator validate`` runs exactly this; ``orchestrator train`` runs it before Ray starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orchestrator.data import TaskData, load_task_data
+from orchestrator.modeling import check_target_modules, linear_module_names
+from orchestrator.planning import BatchPlan, deepspeed_config, plan_batches
+from orchestrator.spec import JobSpec
+
+
+@dataclass(frozen=True)
+class Preflight:
+    data: TaskData
+    plan: BatchPlan
+    total_params: int
+    linear_modules: int
+
+
+def preflight(spec: JobSpec) -> Preflight:
+    """Raises :class:`orchestrator.spec.SpecError` naming the field to fix; returns what it learned."""
+    data = load_task_data(spec.data)
+    plan = plan_batches(spec, len(data.train.texts))
+    deepspeed_config(spec, plan)  # reads and checks a user DeepSpeed JSON, if any
+    names, total = linear_module_names(spec, len(data.label_names))
+    check_target_modules(spec.lora, names)
+    return Preflight(data, plan, total, len(names))

@@ -1,0 +1,253 @@
+"""The job spec: one typed, strict, versioned description of a training job.
+
+A job file is YAML with ``version: 1``. :func:`load_spec` parses it (plus ``key.path=value`` overrides),
+rejects unknown keys with the key path and a close match, checks types and ranges, applies the cross-field
+rules in :meth:`JobSpec._cross_field_rules`, and resolves relative paths against the current directory so
+that the spec means the same thing on every Ray worker. Defaults live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SPEC_VERSION = 1
+PACKAGE_PREFIX = "pkg:"  # model.path "pkg:module/sub/folder": a folder shipped inside an installed package
+
+
+class SpecError(ValueError):
+    """A job spec (or one of the files it names) is wrong; the message says which field and how to fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class ModelSpec(_Strict):
+    path: str = Field(description="Local model folder, 'pkg:package/folder' inside an installed package, or a hub id.")
+    task: Literal["sequence_classification", "causal_lm"] = "sequence_classification"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the frozen base weights are loaded in."
+    )
+    trust_remote_code: bool = Field(False, description="Run code shipped with the model folder. Off unless needed.")
+
+
+class DataSpec(_Strict):
+    train: str = Field(description="Training data: .jsonl, .csv, .parquet, or a datasets save_to_disk folder.")
+    validation: str | None = None
+    test: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    max_length: int = Field(128, ge=8, le=32768, description="Tokens per example after truncation.")
+    validation_split: float | None = Field(
+        None, gt=0, lt=0.5, description="Fraction of train held out for validation when no validation file is given."
+    )
+
+
+class LoraSpec(_Strict):
+    r: PositiveInt = 8
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names (suffixes) to adapt, or 'all-linear'."
+    )
+    modules_to_save: list[str] | None = Field(
+        None, description="Extra modules trained in full; the classification head is added for you."
+    )
+    use_rslora: bool = Field(False, description="Scale by alpha/sqrt(r) instead of alpha/r.")
+    use_dora: bool = False
+
+
+class TrainSpec(_Strict):
+    epochs: float | None = Field(None, gt=0)
+    max_steps: PositiveInt | None = Field(None, description="Optimizer steps; set this or epochs, not both.")
+    micro_batch_size: PositiveInt = Field(16, description="Examples per worker per forward pass.")
+    gradient_accumulation_steps: PositiveInt = 1
+    learning_rate: float = Field(2e-4, gt=0, le=1)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="0 turns clipping off.")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 42
+    eval_every_steps: PositiveInt | None = Field(None, description="Default: once per epoch.")
+    checkpoint_every_steps: PositiveInt | None = Field(None, description="Default: at every evaluation.")
+    log_every_steps: PositiveInt = 10
+    keep_checkpoints: PositiveInt = 2
+
+
+class DeepSpeedSpec(_Strict):
+    zero_stage: int = Field(2, ge=0, le=3)
+    offload_optimizer: bool = False
+    offload_params: bool = Field(False, description="Needs zero_stage 3.")
+    config: str | None = Field(None, description="Path to a full DeepSpeed JSON; it takes precedence.")
+
+
+class ScalingSpec(_Strict):
+    num_workers: PositiveInt = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0, description="Used only when use_gpu is true.")
+    memory_per_worker_gb: float | None = Field(None, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint; -1: no limit.")
+
+
+class TrackingSpec(_Strict):
+    uri: str | None = Field(
+        None, description="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else SQLite under output_dir."
+    )
+    experiment: str = "orchestrator"
+    run_name: str | None = Field(None, description="Default: the job name. Rerunning a run name resumes it.")
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class JobSpec(_Strict):
+    """A whole job. Build it with :func:`load_spec`, not by hand, so paths are resolved."""
+
+    version: Literal[1]
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    output_dir: str
+    model: ModelSpec
+    data: DataSpec
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> JobSpec:
+        rules = [
+            (self.model.task == "causal_lm", "model.task",
+             "causal_lm is not supported by this version yet; use sequence_classification"),
+            ((self.train.epochs is None) == (self.train.max_steps is None), "train.epochs",
+             "set exactly one of train.epochs and train.max_steps"),
+            (self.data.validation is not None and self.data.validation_split is not None, "data.validation_split",
+             "give either data.validation or data.validation_split, not both"),
+            (self.data.validation is None and self.data.validation_split is None, "data.validation",
+             "evaluation needs data: set data.validation to a file, or data.validation_split to a fraction"),
+            (self.deepspeed.offload_params and self.deepspeed.zero_stage != 3, "deepspeed.offload_params",
+             "parameter offload needs deepspeed.zero_stage: 3"),
+            (self.train.precision == "fp16" and not self.scaling.use_gpu, "train.precision",
+             "fp16 needs GPUs (scaling.use_gpu: true); on CPU use bf16 or fp32"),
+            (self.train.precision != "fp32" and self.model.dtype == "float16" and not self.scaling.use_gpu,
+             "model.dtype", "float16 weights need GPUs; on CPU use float32 or bfloat16"),
+        ]
+        for broken, field, message in rules:
+            if broken:
+                raise ValueError(f"@{field}: {message}")
+        return self
+
+    def run_name(self) -> str:
+        return self.tracking.run_name or self.name
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    """Reads a job file, applies ``key.path=value`` overrides and returns the validated spec.
+
+    Raises:
+        SpecError: with the key path and what to change, for any problem in the file or the overrides.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"job file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise SpecError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a job file is a mapping of sections (version, name, model, data, ...)")
+    raw.setdefault("name", re.sub(r"[^A-Za-z0-9_.-]", "-", path.stem)[:64])
+    for override in overrides:
+        _apply_override(raw, override)
+    return spec_from_dict(raw, source=str(path))
+
+
+def spec_from_dict(raw: dict[str, Any], source: str = "spec") -> JobSpec:
+    """Validates a plain mapping into a :class:`JobSpec` with relative paths made absolute."""
+    if raw.get("version") != SPEC_VERSION:
+        raise SpecError(f"{source}: version: must be {SPEC_VERSION} (got {raw.get('version')!r}); "
+                        f"add 'version: {SPEC_VERSION}' as the first line")
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as error:
+        raise SpecError(f"{source}: " + "\n  ".join(_describe(e) for e in error.errors())) from None
+    return _resolve_paths(spec)
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise SpecError(f"override {override!r}: write it as key.path=value, e.g. train.learning_rate=1e-3")
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"override {override!r}: {part} is not a section")
+    node[leaf] = yaml.safe_load(value) if value else None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    location = [str(part) for part in error["loc"]]
+    message = error["msg"]
+    if message.startswith("Value error, @"):  # a cross-field rule names its own field
+        field, _, message = message[len("Value error, @"):].partition(": ")
+        return f"{field}: {message}"
+    where = ".".join(location) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        known = _fields_at(location[:-1])
+        close = difflib.get_close_matches(location[-1], known, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
+        return f"{where}: unknown key{hint}"
+    if error["type"] == "missing":
+        return f"{where}: required, not given"
+    return f"{where}: {message} (got {error.get('input')!r})"
+
+
+def _fields_at(location: list[str]) -> list[str]:
+    model: Any = JobSpec
+    for part in location:
+        field = model.model_fields.get(part)
+        model = getattr(field, "annotation", None) if field else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+    return list(model.model_fields)
+
+
+def _absolute(path: str | None) -> str | None:
+    if path is None or path.startswith(PACKAGE_PREFIX) or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def _resolve_paths(spec: JobSpec) -> JobSpec:
+    model_path = spec.model.path
+    if Path(model_path).expanduser().exists() or model_path.startswith((".", "/", "~")):
+        model_path = _absolute(model_path)
+    data = spec.data.model_copy(update={k: _absolute(getattr(spec.data, k)) for k in ("train", "validation", "test")})
+    return spec.model_copy(update={
+        "output_dir": _absolute(spec.output_dir),
+        "model": spec.model.model_copy(update={"path": model_path}),
+        "data": data,
+        "deepspeed": spec.deepspeed.model_copy(update={"config": _absolute(spec.deepspeed.config)}),
+    })
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a job file."""
+    return JobSpec.model_json_schema()

@@ -1,0 +1,195 @@
+"""The per-worker training loop, top to bottom: setup, loop (forward, loss, backward, step, report), save.
+
+The same function runs on every Ray Train worker and in-process (``session.LocalContext``). DeepSpeed owns the
+optimizer, precision, gradient accumulation, clipping and ZeRO sharding; PEFT owns the LoRA wiring.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from orchestrator.data import load_task_data
+from orchestrator.metrics import classification_metrics
+from orchestrator.modeling import build_peft_model, parameter_counts, resolve_model_path
+from orchestrator.planning import deepspeed_config, eval_shard, lr_multiplier, micro_batch_indices, plan_batches
+from orchestrator.session import WorkerContext
+from orchestrator.spec import JobSpec
+from orchestrator.tracking import MetricSink, MlflowSink, NullSink
+
+ADAPTER_DIR = "adapter"
+
+
+def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, run_id: str | None) -> dict[str, float]:
+    """Trains the job's LoRA adapter on this worker; returns the final metrics (rank 0's are authoritative)."""
+    # ------------------------------------------------------------------ setup
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if spec.scaling.use_gpu else "cpu")
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(spec.train.seed)
+    if not spec.scaling.use_gpu:
+        torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
+    sink: MetricSink = MlflowSink(tracking_uri, run_id) if ctx.rank == 0 and run_id else NullSink()
+    data = load_task_data(spec.data)
+    plan = plan_batches(spec, len(data.train.texts))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(spec.model.path))
+    model = build_peft_model(spec, data.label_names)
+    trainable, total = parameter_counts(model)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(spec, plan),
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_multiplier(step, plan.total_steps, plan.warmup_steps, spec.train.scheduler)),
+        dist_init_required=False,
+    )
+    start_step = 0
+    with ctx.restore() as checkpoint:
+        if checkpoint:
+            _, client_state = engine.load_checkpoint(checkpoint, load_module_strict=False)
+            start_step = client_state["step"]
+    sink.log_params({"trainable_params": trainable, "total_params": total,
+                     "trainable_percent": round(100 * trainable / total, 4),
+                     "global_batch_size": plan.global_batch_size, "total_steps": plan.total_steps,
+                     "world_size": ctx.world_size})
+    if start_step:
+        sink.set_tags({"orchestrator.resumed_from_step": str(start_step)})
+    ctx.progress({"event": "start", "step": start_step, "total": plan.total_steps, "trainable": trainable,
+                  "total_params": total})
+
+    def encode(indices: list[int], texts: list[str], labels: list[int]) -> dict:
+        batch = tokenizer([texts[i] for i in indices], truncation=True, max_length=spec.data.max_length,
+                          padding=True, return_tensors="pt")
+        batch["labels"] = torch.tensor([labels[i] for i in indices])
+        return {k: v.to(engine.device) for k, v in batch.items()}
+
+    def evaluate(split) -> dict[str, float]:
+        """Loss, accuracy and macro-F1 on a split; every rank runs the same number of forward passes."""
+        engine.eval()
+        indices, local = eval_shard(len(split.texts), ctx.rank, ctx.world_size), []
+        with torch.no_grad():
+            for start in range(0, len(indices), plan.micro_batch_size * 2):
+                chunk = indices[start:start + plan.micro_batch_size * 2]
+                batch = encode([max(i, 0) for i in chunk], split.texts, split.labels)
+                logits = engine(**batch).logits.float()
+                losses = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+                rows = zip(chunk, logits.argmax(-1).tolist(), batch["labels"].tolist(), losses.tolist())
+                local += [(pred, label, loss) for i, pred, label, loss in rows if i >= 0]
+        gathered: list = [None] * ctx.world_size
+        dist.all_gather_object(gathered, local)
+        rows = [row for part in gathered for row in part]
+        engine.train()
+        result = classification_metrics([r[0] for r in rows], [r[1] for r in rows], len(data.label_names))
+        return {**result, "loss": sum(r[2] for r in rows) / len(rows)}
+
+    def checkpoint(step: int, metrics: dict[str, float]) -> None:
+        with tempfile.TemporaryDirectory(prefix="orchestrator-ckpt-") as folder:
+            engine.save_checkpoint(folder, tag="state", client_state={"step": step}, exclude_frozen_parameters=True)
+            ctx.report(metrics, folder, f"step_{step:07d}")
+
+    # ------------------------------------------------------------------ loop
+    engine.train()
+    window_loss, window_tokens, window_examples, window_start = 0.0, 0, 0, time.perf_counter()
+    metrics: dict[str, float] = {}
+    for step in range(start_step, plan.total_steps):
+        for micro in range(plan.gradient_accumulation_steps):
+            micro_step = step * plan.gradient_accumulation_steps + micro
+            indices = micro_batch_indices(plan, len(data.train.texts), ctx.rank, micro_step, spec.train.seed)
+            batch = encode(indices, data.train.texts, data.train.labels)
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()  # DeepSpeed steps the optimizer and scheduler only at the accumulation boundary
+            window_loss += loss.item() / plan.gradient_accumulation_steps
+            window_tokens += int(batch["attention_mask"].sum())
+            window_examples += len(indices)
+        done = step + 1
+        if done % spec.train.log_every_steps == 0 or done == plan.total_steps:
+            stats = torch.tensor([window_loss, window_tokens, window_examples], dtype=torch.float64)
+            dist.all_reduce(stats)  # sums over workers
+            elapsed = time.perf_counter() - window_start
+            steps_in_window = (done - 1) % spec.train.log_every_steps + 1
+            metrics = {"train_loss": stats[0].item() / ctx.world_size / steps_in_window,
+                       "learning_rate": engine.get_lr()[0], "tokens_per_s": stats[1].item() / elapsed,
+                       "samples_per_s": stats[2].item() / elapsed,
+                       "epoch": done * plan.gradient_accumulation_steps / plan.micro_batches_per_epoch}
+            sink.log_metrics(metrics, done)
+            ctx.progress({"event": "step", "step": done, "total": plan.total_steps, **metrics})
+            window_loss, window_tokens, window_examples, window_start = 0.0, 0, 0, time.perf_counter()
+        last = done == plan.total_steps
+        is_eval = done % plan.eval_every_steps == 0 or last
+        is_checkpoint = done % plan.checkpoint_every_steps == 0 and not last  # the last one follows the save
+        if is_eval:
+            evaluation = {f"eval_{k}": v for k, v in evaluate(data.validation).items()}
+            metrics = {**metrics, **evaluation, "step": done}
+            sink.log_metrics(evaluation, done)
+            ctx.progress({"event": "eval", "step": done, "total": plan.total_steps, **evaluation})
+        if is_checkpoint:
+            checkpoint(done, metrics)
+        elif is_eval and not last:
+            ctx.report(metrics, None, "")
+        if is_eval or is_checkpoint:
+            window_start = time.perf_counter()  # reporting time is not training throughput
+
+    # ------------------------------------------------------------------ save
+    final = dict(metrics)
+    if "eval_accuracy" not in final:  # nothing left to train (a rerun of a finished job): evaluate anyway
+        final.update({f"eval_{k}": v for k, v in evaluate(data.validation).items()})
+    if data.test is not None:
+        final.update({f"test_{k}": v for k, v in evaluate(data.test).items()})
+    adapter = save_adapter(engine, spec, tokenizer, data.label_names, ctx.rank)
+    checkpoint(plan.total_steps, final)  # the final state, carrying the run's result metrics
+    if ctx.rank == 0:
+        sink.log_metrics({k: v for k, v in final.items() if k.startswith(("eval_", "test_"))}, plan.total_steps)
+        sink.log_artifacts(adapter, ADAPTER_DIR)
+        ctx.progress({"event": "done", "adapter": adapter, **final})
+    return final
+
+
+def save_adapter(engine, spec: JobSpec, tokenizer, label_names: list[str], rank: int) -> str:
+    """Writes the trained adapter in plain PEFT format to ``output_dir/adapter`` (atomically, rank 0).
+
+    Under ZeRO-3 the trainable parameters are partitioned across ranks, so every rank joins the gather; the
+    saved tensors are then checked to be non-empty, finite and trained (LoRA B starts at zero).
+    """
+    import deepspeed
+
+    model = engine.module
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    names = {id(p): n for n, p in model.named_parameters()}
+    target = Path(spec.output_dir, ADAPTER_DIR)
+    with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None, enabled=spec.deepspeed.zero_stage == 3):
+        if rank == 0:
+            state = {names[id(p)]: p.detach().to("cpu", copy=True) for p in trainable}
+    if rank != 0:
+        return str(target)
+    Path(spec.output_dir).mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=".adapter-", dir=spec.output_dir))
+    model.save_pretrained(partial, state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    (partial / "labels.json").write_text(json.dumps(label_names, indent=1))
+    (partial / "orchestrator_job.yaml").write_text(yaml.safe_dump(spec.model_dump(), sort_keys=False))
+    _check_adapter(partial)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(partial, target)
+    return str(target)
+
+
+def _check_adapter(folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(folder / "adapter_model.safetensors")
+    lora_b = [t for name, t in tensors.items() if "lora_B" in name]
+    problems = [name for name, t in tensors.items() if t.numel() == 0 or not bool(t.float().isfinite().all())]
+    if not lora_b or problems or all(float(t.float().abs().max()) == 0 for t in lora_b):
+        raise RuntimeError(f"refusing to publish a broken adapter in {folder}: "
+                           f"{len(lora_b)} LoRA B tensors, empty or non-finite: {problems[:5]}, or all zero")
