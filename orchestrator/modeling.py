@@ -31,6 +31,23 @@ def resolve_model_path(path: str) -> str:
     return str(folder)
 
 
+def read_deepspeed_json(path: str | None) -> dict | None:
+    """The user's DeepSpeed JSON named by deepspeed.config, or None when the spec builds the config."""
+    import json
+
+    if path is None:
+        return None
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpecError(f"deepspeed.config: {path} does not exist") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise SpecError(f"deepspeed.config: {path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise SpecError(f"deepspeed.config: {path} must hold a JSON object")
+    return config
+
+
 def load_model_config(spec: JobSpec, num_labels: int):
     from transformers import AutoConfig
 

@@ -3,7 +3,6 @@ config and whether the workers fit the cluster. Plain functions over plain data;
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -97,22 +96,21 @@ def eval_shard(num_examples: int, rank: int, world_size: int) -> list[int]:
     return [i if i < num_examples else -1 for i in range(rank, per_worker * world_size, world_size)]
 
 
-def deepspeed_config(spec: JobSpec, plan: BatchPlan) -> dict[str, Any]:
-    """The DeepSpeed config dict for the job; a user JSON (deepspeed.config) wins, with our batch keys."""
+def deepspeed_config(spec: JobSpec, plan: BatchPlan, user_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The DeepSpeed config dict for the job; ``user_config`` (the JSON at deepspeed.config, read by
+    :func:`orchestrator.modeling.read_deepspeed_json`) wins, with our batch keys."""
     train, ds = spec.train, spec.deepspeed
     batch = {
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.gradient_accumulation_steps,
         "train_batch_size": plan.global_batch_size,
     }
-    if ds.config:
-        with open(ds.config, encoding="utf-8") as handle:
-            config = json.load(handle)
+    if user_config is not None:
         for key, value in batch.items():
-            if config.get(key, "auto") not in ("auto", value):
-                raise SpecError(f"deepspeed.config: {key} is {config[key]} in {ds.config} but the spec "
+            if user_config.get(key, "auto") not in ("auto", value):
+                raise SpecError(f"deepspeed.config: {key} is {user_config[key]} in {ds.config} but the spec "
                                 f"gives {value}; remove it from the JSON or set 'auto'")
-        return {**config, **batch}
+        return {**user_config, **batch}
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer and ds.zero_stage > 0:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": spec.scaling.use_gpu}

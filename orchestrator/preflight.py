@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from orchestrator.data import TaskData, load_task_data
-from orchestrator.modeling import check_target_modules, linear_module_names
+from orchestrator.modeling import check_target_modules, linear_module_names, read_deepspeed_json
 from orchestrator.planning import BatchPlan, deepspeed_config, plan_batches
 from orchestrator.spec import JobSpec
 
@@ -25,7 +25,7 @@ def preflight(spec: JobSpec) -> Preflight:
     """Raises :class:`orchestrator.spec.SpecError` naming the field to fix; returns what it learned."""
     data = load_task_data(spec.data)
     plan = plan_batches(spec, len(data.train.texts))
-    deepspeed_config(spec, plan)  # reads and checks a user DeepSpeed JSON, if any
+    deepspeed_config(spec, plan, read_deepspeed_json(spec.deepspeed.config))  # checks a user JSON's batch keys
     names, total = linear_module_names(spec, len(data.label_names))
     check_target_modules(spec.lora, names)
     return Preflight(data, plan, total, len(names))

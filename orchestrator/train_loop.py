@@ -17,7 +17,7 @@ import yaml
 
 from orchestrator.data import load_task_data
 from orchestrator.metrics import classification_metrics
-from orchestrator.modeling import build_peft_model, parameter_counts, resolve_model_path
+from orchestrator.modeling import build_peft_model, parameter_counts, read_deepspeed_json, resolve_model_path
 from orchestrator.planning import deepspeed_config, eval_shard, lr_multiplier, micro_batch_indices, plan_batches
 from orchestrator.session import WorkerContext
 from orchestrator.spec import JobSpec
@@ -47,7 +47,7 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(spec, plan),
+        config=deepspeed_config(spec, plan, read_deepspeed_json(spec.deepspeed.config)),
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_multiplier(step, plan.total_steps, plan.warmup_steps, spec.train.scheduler)),
         dist_init_required=False,
@@ -57,6 +57,7 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
         if checkpoint:
             _, client_state = engine.load_checkpoint(checkpoint, load_module_strict=False)
             start_step = client_state["step"]
+            torch.set_rng_state(client_state["torch_rng"])  # same dropout masks as an uninterrupted run
     sink.log_params({"trainable_params": trainable, "total_params": total,
                      "trainable_percent": round(100 * trainable / total, 4),
                      "global_batch_size": plan.global_batch_size, "total_steps": plan.total_steps,
@@ -93,7 +94,8 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
 
     def checkpoint(step: int, metrics: dict[str, float]) -> None:
         with tempfile.TemporaryDirectory(prefix="orchestrator-ckpt-") as folder:
-            engine.save_checkpoint(folder, tag="state", client_state={"step": step}, exclude_frozen_parameters=True)
+            engine.save_checkpoint(folder, tag="state", client_state={"step": step, "torch_rng": torch.get_rng_state()},
+                                   exclude_frozen_parameters=True)
             ctx.report(metrics, folder, f"step_{step:07d}")
 
     # ------------------------------------------------------------------ loop

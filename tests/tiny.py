@@ -69,15 +69,15 @@ def write_tiny_data(folder: Path, train: int = 192, validation: int = 64, test: 
     return folder
 
 
-def tiny_job(root: Path, model: Path, data: Path, **sections) -> dict:
+def tiny_job(root: Path, model_dir: Path, data_dir: Path, **sections) -> dict:
     """A job dict on the tiny model and data; keyword arguments replace or extend whole sections."""
     job = {
         "version": 1,
         "name": "tiny",
         "output_dir": str(root / "out"),
-        "model": {"path": str(model)},
-        "data": {"train": str(data / "train.jsonl"), "validation": str(data / "validation.jsonl"),
-                 "test": str(data / "test.jsonl"), "max_length": 16},
+        "model": {"path": str(model_dir)},
+        "data": {"train": str(data_dir / "train.jsonl"), "validation": str(data_dir / "validation.jsonl"),
+                 "test": str(data_dir / "test.jsonl"), "max_length": 16},
         "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
         "train": {"epochs": 3, "micro_batch_size": 16, "learning_rate": 0.01, "log_every_steps": 2},
         "deepspeed": {"zero_stage": 2},
