@@ -30,11 +30,12 @@ class WorkerContext(Protocol):
 
 
 class LocalContext:
-    """In-process, world size 1: checkpoints are copied into ``checkpoint_root/NAME`` and kept."""
+    """In-process, world size 1 (gloo on CPU, nccl on a GPU): checkpoints are copied into
+    ``checkpoint_root/NAME`` and kept."""
 
     rank, world_size = 0, 1
 
-    def __init__(self, checkpoint_root: str, on_progress=None):
+    def __init__(self, checkpoint_root: str, on_progress=None, backend: str = "gloo"):
         import torch.distributed as dist
 
         self.checkpoint_root = Path(checkpoint_root)
@@ -45,7 +46,7 @@ class LocalContext:
                 probe.bind(("127.0.0.1", 0))
                 port = probe.getsockname()[1]
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-            dist.init_process_group("gloo", rank=0, world_size=1)
+            dist.init_process_group(backend, rank=0, world_size=1)
 
     @contextmanager
     def restore(self) -> Iterator[str | None]:

@@ -94,6 +94,26 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def check_reachable(spec: JobSpec) -> str:
+    """Probes the tracking store in seconds (before any cluster work); returns its URI.
+
+    Raises:
+        SpecError: naming tracking.uri when the store cannot be reached.
+    """
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(spec)
+    if _is_embedded(uri):
+        return uri  # created on first use under output_dir
+    with _fail_fast():
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as error:  # MlflowException, requests' ConnectionError, ...
+            raise SpecError(f"tracking.uri: cannot reach the MLflow tracking store at {uri} "
+                            f"({type(error).__name__}: {str(error)[:200]}); start the server or fix the URI") from None
+    return uri
+
+
 def start_run(spec: JobSpec, data_inputs: list[tuple[str, str, str, Any]]) -> tuple[str, str, bool]:
     """Creates the job's run, or reopens it when this output folder already has one (a rerun resumes).
 
@@ -110,12 +130,7 @@ def start_run(spec: JobSpec, data_inputs: list[tuple[str, str, str, Any]]) -> tu
     uri = tracking_uri(spec)
     Path(spec.output_dir).mkdir(parents=True, exist_ok=True)
     client = MlflowClient(uri)
-    with _fail_fast():
-        try:
-            experiment = client.get_experiment_by_name(spec.tracking.experiment)
-        except Exception as error:  # MlflowException, requests' ConnectionError, sqlalchemy errors, ...
-            raise SpecError(f"tracking.uri: cannot reach the MLflow tracking store at {uri} "
-                            f"({type(error).__name__}: {str(error)[:200]}); start the server or fix the URI") from None
+    experiment = client.get_experiment_by_name(spec.tracking.experiment)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(
         spec.tracking.experiment,
         artifact_location=Path(spec.output_dir, "mlartifacts").as_uri() if _is_embedded(uri) else None,

@@ -29,6 +29,7 @@ def train(spec: JobSpec, verbose: bool = False, console: TrainingConsole | None 
     from orchestrator import launcher, tracking
 
     checked = preflight(spec)
+    tracking.check_reachable(spec)
     launcher.connect(verbose)
     launcher.check_placement(spec)
     data = checked.data

@@ -120,6 +120,7 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
             elapsed = time.perf_counter() - window_start
             steps_in_window = (done - 1) % spec.train.log_every_steps + 1
             metrics = {"train_loss": stats[0].item() / ctx.world_size / steps_in_window,
+                       "peak_memory_mb": _peak_memory_mb(spec.scaling.use_gpu),
                        "learning_rate": engine.get_lr()[0], "tokens_per_s": stats[1].item() / elapsed,
                        "samples_per_s": stats[2].item() / elapsed,
                        "epoch": done * plan.gradient_accumulation_steps / plan.micro_batches_per_epoch}
@@ -154,6 +155,17 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
         sink.log_artifacts(adapter, ADAPTER_DIR)
         ctx.progress({"event": "done", "adapter": adapter, **final})
     return final
+
+
+def _peak_memory_mb(on_gpu: bool) -> float:
+    """This worker's peak memory: the CUDA allocator's peak on GPU, the process's peak RSS on CPU."""
+    import resource
+
+    import torch
+
+    if on_gpu:
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def save_adapter(engine, spec: JobSpec, tokenizer, label_names: list[str], rank: int) -> str:

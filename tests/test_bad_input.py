@@ -57,6 +57,19 @@ def test_each_bad_input_is_refused_before_ray_with_nothing_written(tmp_path, job
     assert not ray.is_initialized()
 
 
+def test_unreachable_tracking_server_fails_fast_before_any_worker(tmp_path, job, capsys):
+    import time
+
+    import ray
+
+    raw = job(tracking={"uri": "http://127.0.0.1:9"})  # the discard port: nothing listens
+    started = time.monotonic()
+    assert main(["train", str(write_job(tmp_path / "job.yaml", raw))]) == EXIT_BAD_INPUT
+    assert time.monotonic() - started < 60
+    assert "tracking.uri: cannot reach the MLflow tracking store at http://127.0.0.1:9" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
 def test_validate_reports_the_plan(tmp_path, job, capsys):
     path = write_job(tmp_path / "job.yaml", job())
     assert main(["validate", str(path)]) == 0

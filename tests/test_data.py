@@ -1,0 +1,69 @@
+"""Reading data in every supported format gives the same texts and labels; carving a validation split."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from orchestrator.data import load_task_data
+from orchestrator.metrics import classification_metrics
+from orchestrator.spec import spec_from_dict
+from orchestrator.train_loop import _check_adapter
+
+
+def _frame(tiny_data, split):
+    return pd.DataFrame([json.loads(line) for line in (tiny_data / f"{split}.jsonl").read_text().splitlines()])
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "disk"])
+def test_every_format_reads_the_same(job, tiny_data, tmp_path, fmt):
+    from datasets import Dataset
+
+    paths = {}
+    for split in ("train", "validation"):
+        frame = _frame(tiny_data, split)
+        path = tmp_path / (f"{split}.{fmt}" if fmt != "disk" else split)
+        {"csv": lambda: frame.to_csv(path, index=False), "parquet": lambda: frame.to_parquet(path),
+         "disk": lambda: Dataset.from_pandas(frame).save_to_disk(str(path))}[fmt]()
+        paths[split] = str(path)
+    reference = load_task_data(spec_from_dict(job()).data)
+    other = load_task_data(spec_from_dict(job(data={**paths, "test": None})).data)
+    assert other.label_names == reference.label_names
+    assert other.train.texts == reference.train.texts and other.train.labels == reference.train.labels
+    assert other.validation.labels == reference.validation.labels
+    assert len(other.train.digest) == 64 and other.train.digest != reference.train.digest
+
+
+def test_validation_split_is_deterministic_and_disjoint(job):
+    raw = job()
+    del raw["data"]["validation"]
+    raw["data"]["validation_split"] = 0.25
+    first, second = (load_task_data(spec_from_dict(raw).data) for _ in range(2))
+    assert len(first.validation.texts) == 48 and len(first.train.texts) == 144
+    assert first.validation.texts == second.validation.texts
+
+
+def test_macro_f1_and_accuracy():
+    metrics = classification_metrics([0, 0, 1, 2], [0, 1, 1, 2], num_labels=4)
+    assert metrics["accuracy"] == 0.75
+    # class 0: P=1/2 R=1 F1=2/3; class 1: P=1 R=1/2 F1=2/3; class 2: 1; class 3 absent: not counted
+    assert metrics["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+
+
+def test_an_untrained_or_empty_adapter_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"a.lora_A.weight": torch.ones(2, 4), "a.lora_B.weight": torch.zeros(4, 2)},
+              tmp_path / "adapter_model.safetensors")
+    with pytest.raises(RuntimeError, match="refusing to publish"):
+        _check_adapter(tmp_path)
+    save_file({"a.lora_A.weight": torch.ones(2, 4), "a.lora_B.weight": torch.full((4, 2), float("nan"))},
+              tmp_path / "adapter_model.safetensors")
+    with pytest.raises(RuntimeError, match="refusing to publish"):
+        _check_adapter(tmp_path)
+    save_file({"a.lora_A.weight": torch.ones(2, 4), "a.lora_B.weight": torch.ones(4, 2)},
+              tmp_path / "adapter_model.safetensors")
+    _check_adapter(tmp_path)
