@@ -100,9 +100,10 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
 
     # ------------------------------------------------------------------ loop
     engine.train()
-    window_loss, window_tokens, window_examples, window_start = 0.0, 0, 0, time.perf_counter()
+    window = {"loss": 0.0, "tokens": 0, "examples": 0, "steps": 0, "seconds": 0.0}  # since the last log line
     metrics: dict[str, float] = {}
     for step in range(start_step, plan.total_steps):
+        step_start = time.perf_counter()
         for micro in range(plan.gradient_accumulation_steps):
             micro_step = step * plan.gradient_accumulation_steps + micro
             indices = micro_batch_indices(plan, len(data.train.texts), ctx.rank, micro_step, spec.train.seed)
@@ -110,23 +111,25 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer and scheduler only at the accumulation boundary
-            window_loss += loss.item() / plan.gradient_accumulation_steps
-            window_tokens += int(batch["attention_mask"].sum())
-            window_examples += len(indices)
+            window["loss"] += loss.item() / plan.gradient_accumulation_steps
+            window["tokens"] += int(batch["attention_mask"].sum())
+            window["examples"] += len(indices)
+        window["steps"] += 1
+        window["seconds"] += time.perf_counter() - step_start  # training time only: no eval, report or logging
         done = step + 1
         if done % spec.train.log_every_steps == 0 or done == plan.total_steps:
-            stats = torch.tensor([window_loss, window_tokens, window_examples], dtype=torch.float64)
-            dist.all_reduce(stats)  # sums over workers
-            elapsed = time.perf_counter() - window_start
-            steps_in_window = (done - 1) % spec.train.log_every_steps + 1
-            metrics = {"train_loss": stats[0].item() / ctx.world_size / steps_in_window,
+            stats = torch.tensor([window["loss"], window["tokens"], window["examples"], window["seconds"]],
+                                 dtype=torch.float64)
+            dist.all_reduce(stats)  # sums over workers; seconds summed too, so divide by world size
+            seconds = stats[3].item() / ctx.world_size
+            metrics = {"train_loss": stats[0].item() / ctx.world_size / window["steps"],
                        "peak_memory_mb": _peak_memory_mb(spec.scaling.use_gpu),
-                       "learning_rate": engine.get_lr()[0], "tokens_per_s": stats[1].item() / elapsed,
-                       "samples_per_s": stats[2].item() / elapsed,
+                       "learning_rate": engine.get_lr()[0], "tokens_per_s": stats[1].item() / seconds,
+                       "samples_per_s": stats[2].item() / seconds,
                        "epoch": done * plan.gradient_accumulation_steps / plan.micro_batches_per_epoch}
             sink.log_metrics(metrics, done)
             ctx.progress({"event": "step", "step": done, "total": plan.total_steps, **metrics})
-            window_loss, window_tokens, window_examples, window_start = 0.0, 0, 0, time.perf_counter()
+            window = dict.fromkeys(window, 0)
         last = done == plan.total_steps
         is_eval = done % plan.eval_every_steps == 0 or last
         is_checkpoint = done % plan.checkpoint_every_steps == 0 and not last  # the last one follows the save
@@ -139,8 +142,6 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
             checkpoint(done, metrics)
         elif is_eval and not last:
             ctx.report(metrics, None, "")
-        if is_eval or is_checkpoint:
-            window_start = time.perf_counter()  # reporting time is not training throughput
 
     # ------------------------------------------------------------------ save
     final = dict(metrics)

@@ -68,9 +68,10 @@ def mlflow_server(tmp_path_factory):
         try:
             urllib.request.urlopen(f"{url}/health", timeout=2)
             break
-        except OSError:
+        except OSError as error:
             if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+                log_text = (root / "server.log").read_text()[-2000:]
+                raise RuntimeError(f"mlflow server did not start: {log_text}") from error
             time.sleep(0.5)
     yield url
     server.terminate()

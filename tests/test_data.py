@@ -26,8 +26,12 @@ def test_every_format_reads_the_same(job, tiny_data, tmp_path, fmt):
     for split in ("train", "validation"):
         frame = _frame(tiny_data, split)
         path = tmp_path / (f"{split}.{fmt}" if fmt != "disk" else split)
-        {"csv": lambda: frame.to_csv(path, index=False), "parquet": lambda: frame.to_parquet(path),
-         "disk": lambda: Dataset.from_pandas(frame).save_to_disk(str(path))}[fmt]()
+        if fmt == "csv":
+            frame.to_csv(path, index=False)
+        elif fmt == "parquet":
+            frame.to_parquet(path)
+        else:
+            Dataset.from_pandas(frame).save_to_disk(str(path))
         paths[split] = str(path)
     reference = load_task_data(spec_from_dict(job()).data)
     other = load_task_data(spec_from_dict(job(data={**paths, "test": None})).data)

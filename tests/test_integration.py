@@ -61,7 +61,8 @@ def test_mlflow_run_holds_params_metrics_inputs_and_artifacts(finished):
     assert params["lora.r"] == "4" and params["deepspeed.zero_stage"] == str(spec.deepspeed.zero_stage)
     assert int(params["trainable_params"]) > 0 and int(params["total_params"]) > int(params["trainable_params"])
     assert float(params["trainable_percent"]) < 100
-    for metric in ("train_loss", "learning_rate", "tokens_per_s", "peak_memory_mb", "eval_accuracy", "eval_macro_f1", "eval_loss"):
+    for metric in ("train_loss", "learning_rate", "tokens_per_s", "peak_memory_mb", "eval_accuracy", "eval_macro_f1",
+                   "eval_loss"):
         history = client.get_metric_history(result.run_id, metric)
         assert len(history) >= 3, metric  # one per interval, not only a final value
     assert [m.step for m in client.get_metric_history(result.run_id, "train_loss")] == list(range(2, 19, 2))

@@ -36,8 +36,8 @@ def test_adapted_model_equals_base_at_init(job, tiny_model):
 
 # The tiny BERT has 2 layers of query, key, value and three "dense" (attention output, intermediate, output),
 # plus the pooler's dense: 13 linear layers; 'all-linear' leaves out only the classifier head.
-@pytest.mark.parametrize("targets, r, adapted", [(["query", "value"], 4, 4), (["query", "key", "value", "dense"], 2, 13),
-                                                 ("all-linear", 8, 13)])
+@pytest.mark.parametrize("targets, r, adapted", [
+    (["query", "value"], 4, 4), (["query", "key", "value", "dense"], 2, 13), ("all-linear", 8, 13)])
 def test_trainable_count_is_r_times_in_plus_out_plus_head(job, targets, r, adapted):
     spec = spec_from_dict(job(lora={"r": r, "target_modules": targets}))
     model = build_peft_model(spec, LABELS)

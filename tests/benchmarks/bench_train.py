@@ -1,6 +1,6 @@
 """Training benchmarks for the core path (results go in tests/benchmarks/BENCHMARKS.md).
 
-    .venv/bin/python tests/benchmarks/bench_train.py [--repeats 3] [--steps 150]
+    .venv/bin/python tests/benchmarks/bench_train.py [--repeats 3] [--steps 120]
 
 Measures, on MiniLM-L6 and the bundled support-intent data, side by side in one run:
   1. steady-state samples/s of `orchestrator train` with 1 worker against a bare single-process PEFT + torch
@@ -107,26 +107,34 @@ def steady(rates: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=120)
     args = parser.parse_args()
-    results: dict[str, list[dict]] = {"bare": [], "one": [], "two": []}
+    # bare_N / one_N: N torch threads (one worker with N CPUs); two: two workers with one CPU each.
+    results: dict[str, list[dict]] = {"bare_1": [], "one_1": [], "bare_2": [], "one_2": [], "two": []}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
-            results["bare"].append(run_bare(args.steps, threads=2))
-            results["one"].append(run_orchestrator(args.steps, 1, 2, Path(tmp), f"one-{repeat}"))
+            for threads in (1, 2):
+                results[f"bare_{threads}"].append(run_bare(args.steps, threads))
+                results[f"one_{threads}"].append(
+                    run_orchestrator(args.steps, 1, threads, Path(tmp), f"one{threads}-{repeat}"))
             results["two"].append(run_orchestrator(args.steps, 2, 1, Path(tmp), f"two-{repeat}"))
             print(f"repeat {repeat}: " + ", ".join(f"{k} {steady(v[-1]['samples_per_s']):.1f}/s"
                                                   for k, v in results.items()), flush=True)
-        memory = {"lora": run_bare(20, 2, full=False)["peak_memory_mb"], "full": run_bare(20, 2, full=True)["peak_memory_mb"]}
+        memory = {name: run_bare(20, 2, full=name == "full")["peak_memory_mb"] for name in ("lora", "full")}
     med = {k: statistics.median(steady(r["samples_per_s"]) for r in v) for k, v in results.items()}
     print(json.dumps({
         "steady_samples_per_s": {k: round(v, 1) for k, v in med.items()},
-        "one_worker_vs_bare": round(med["one"] / med["bare"], 3),
-        "two_workers_vs_one": round(med["two"] / med["one"], 3),
-        "first_step_s": {k: round(statistics.median(r["first_step_s"] for r in results[k]), 1) for k in ("one", "two")},
-        "wall_s": {k: round(statistics.median(r["wall_s"] for r in results[k]), 1) for k in ("one", "two")},
-        "peak_memory_mb_worker": {k: round(statistics.median(r["peak_memory_mb"] for r in results[k])) for k in
-                                  ("one", "two")},
+        "one_worker_vs_bare_1_thread": round(med["one_1"] / med["bare_1"], 3),
+        "one_worker_vs_bare_2_threads": round(med["one_2"] / med["bare_2"], 3),
+        "two_workers_vs_one_worker_2_cpus": round(med["two"] / med["one_2"], 3),
+        "per_run_ratios_one_vs_bare": {t: [round(steady(o["samples_per_s"]) / steady(b["samples_per_s"]), 3) for o, b in
+                                           zip(results[f"one_{t}"], results[f"bare_{t}"])] for t in (1, 2)},
+        "first_step_s": {k: round(statistics.median(r["first_step_s"] for r in v), 1) for k, v in results.items()
+                         if not k.startswith("bare")},
+        "wall_s": {k: round(statistics.median(r["wall_s"] for r in v), 1) for k, v in results.items()
+                   if not k.startswith("bare")},
+        "peak_memory_mb_worker": {k: round(statistics.median(r["peak_memory_mb"] for r in v)) for k, v in
+                                  results.items() if not k.startswith("bare")},
         "peak_memory_mb_bare": {k: round(v) for k, v in memory.items()},
     }, indent=1))
 
