@@ -29,6 +29,7 @@ ADAPTER_DIR = "adapter"
 def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, run_id: str | None) -> dict[str, float]:
     """Trains the job's LoRA adapter on this worker; returns the final metrics (rank 0's are authoritative)."""
     # ------------------------------------------------------------------ setup
+    ctx.progress({"event": "worker_started"})  # lets the driver tell Ray's start-up from ours
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if spec.scaling.use_gpu else "cpu")
     import deepspeed
     import torch

@@ -134,3 +134,29 @@ def test_a_killed_job_resumes_from_its_checkpoint(ray_cluster, job, tmp_path):
     assert int(run.data.tags["orchestrator.resumed_from_step"]) >= 5
     assert len(MlflowClient(state["tracking_uri"]).search_runs([run.info.experiment_id])) == 1
     assert (output / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_a_killed_worker_is_restarted_from_the_checkpoint_within_max_failures(ray_cluster, job, tmp_path):
+    import threading
+
+    import psutil
+    from mlflow import MlflowClient
+
+    raw = job(train={"epochs": None, "max_steps": 40, "checkpoint_every_steps": 5, "eval_every_steps": 5},
+              scaling={"max_failures": 1})
+    spec = spec_from_dict(raw)
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(result=_train_quietly(spec)), daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 240
+    while not _registered_checkpoints(Path(spec.output_dir)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert len(workers) == 2, [p.info["cmdline"] for p in workers]
+    workers[-1].send_signal(signal.SIGKILL)  # one worker process dies mid-run
+    runner.join(timeout=300)
+    result = outcome["result"]
+    run = MlflowClient(result.tracking_uri).get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert int(run.data.tags["orchestrator.resumed_from_step"]) >= 5
+    assert Path(result.adapter_dir, "adapter_model.safetensors").exists()
