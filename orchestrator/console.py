@@ -37,6 +37,8 @@ class TrainingConsole:
             else:  # Ray restarted the workers from a checkpoint
                 self._progress.update(self._task, completed=event["step"])
             note = f" (resuming at step {event['step']})" if event["step"] else ""
+            if event["step"] == event["total"]:
+                note = f" (already trained to step {event['step']}: evaluating and saving again)"
             self.console.print(f"training {event['trainable']:,} of {event['total_params']:,} parameters "
                                f"({100 * event['trainable'] / event['total_params']:.2f}%){note}")
         elif self._task is None:

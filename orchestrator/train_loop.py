@@ -151,7 +151,10 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
     if data.test is not None:
         final.update({f"test_{k}": v for k, v in evaluate(data.test).items()})
     adapter = save_adapter(engine, spec, tokenizer, data.label_names, ctx.rank)
-    checkpoint(plan.total_steps, final)  # the final state, carrying the run's result metrics
+    if start_step < plan.total_steps:
+        checkpoint(plan.total_steps, final)  # the final state, carrying the run's result metrics
+    else:  # a rerun of a finished job: its final checkpoint already exists; registering it twice would let
+        ctx.report(final, None, "")  # Ray's retention delete the directory both entries point to
     if ctx.rank == 0:
         sink.log_metrics({k: v for k, v in final.items() if k.startswith(("eval_", "test_"))}, plan.total_steps)
         sink.log_artifacts(adapter, ADAPTER_DIR)

@@ -160,3 +160,15 @@ def test_a_killed_worker_is_restarted_from_the_checkpoint_within_max_failures(ra
     assert run.info.status == "FINISHED"
     assert int(run.data.tags["orchestrator.resumed_from_step"]) >= 5
     assert Path(result.adapter_dir, "adapter_model.safetensors").exists()
+
+
+def test_rerunning_a_finished_job_retrains_nothing_and_keeps_its_checkpoints(finished):
+    spec, first = finished
+    if spec.deepspeed.zero_stage != 2:
+        pytest.skip("once is enough")
+    checkpoints = sorted(p.name for p in (Path(spec.output_dir) / "ray" / "tiny").glob("step_*"))
+    again = _train_quietly(spec)
+    assert again.run_id == first.run_id
+    assert again.metrics["test_accuracy"] == pytest.approx(first.metrics["test_accuracy"])
+    assert sorted(p.name for p in (Path(spec.output_dir) / "ray" / "tiny").glob("step_*")) == checkpoints
+    assert checkpoints[-1] == "step_0000018"
