@@ -46,7 +46,7 @@ def _validate(args) -> int:
 
 def _train(args) -> int:
     from orchestrator.spec import load_spec
-    from orchestrator.train import train
+    from orchestrator.training import train
 
     spec = load_spec(args.job, args.overrides)
     result = train(spec, verbose=args.verbose)

@@ -18,7 +18,7 @@ from rich.console import Console
 from orchestrator.cli import EXIT_BAD_INPUT, main
 from orchestrator.console import TrainingConsole
 from orchestrator.spec import spec_from_dict
-from orchestrator.train import train
+from orchestrator.training import train
 from tests.test_lora import _predict
 from tests.tiny import tiny_job, write_job
 

@@ -29,7 +29,7 @@ def main() -> None:
     from orchestrator import launcher, tracking
     from orchestrator.preflight import preflight
     from orchestrator.spec import load_spec
-    from orchestrator.train import _frame
+    from orchestrator.training import _frame
 
     mark("imports")
     output = tempfile.mkdtemp()
