@@ -39,7 +39,6 @@ class LocalContext:
         import torch.distributed as dist
 
         self.checkpoint_root = Path(checkpoint_root)
-        self.reports: list[dict[str, float]] = []
         self._on_progress = on_progress
         if not dist.is_initialized():
             with socket.socket() as probe:
@@ -54,7 +53,6 @@ class LocalContext:
         yield str(saved[-1]) if saved else None
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None, name: str) -> None:
-        self.reports.append(dict(metrics))
         if checkpoint_dir:
             shutil.copytree(checkpoint_dir, self.checkpoint_root / name, dirs_exist_ok=True)
 

@@ -119,7 +119,11 @@ def test_resumed_run_equals_uninterrupted_run(job, tmp_path):
     with pytest.raises(_Crash, match="step_0000004"):
         train_worker(resumed, _CrashAfterFirstCheckpoint(str(tmp_path / "resumed-ckpt")), None, None)
     assert not Path(resumed.output_dir, "adapter").exists()  # nothing that looks finished
-    train_worker(resumed, LocalContext(str(tmp_path / "resumed-ckpt")), None, None)
+    starts = []
+    rerun = LocalContext(str(tmp_path / "resumed-ckpt"), on_progress=lambda e: starts.append(e.get("step"))
+                         if e["event"] == "start" else None)
+    train_worker(resumed, rerun, None, None)
+    assert starts == [4]  # it continued from the checkpoint (a fresh start would also end equal)
 
     a = load_file(Path(straight.output_dir, "adapter", "adapter_model.safetensors"))
     b = load_file(Path(resumed.output_dir, "adapter", "adapter_model.safetensors"))
