@@ -20,7 +20,6 @@ def _quiet(verbose: bool) -> None:
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     warnings.filterwarnings("ignore")
     for name in ("ray", "mlflow", "alembic", "deepspeed"):

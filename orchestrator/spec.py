@@ -25,7 +25,7 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 PositiveInt = Annotated[int, Field(gt=0)]

@@ -114,14 +114,14 @@ def check_reachable(spec: JobSpec) -> str:
     return uri
 
 
-def start_run(spec: JobSpec, data_inputs: list[tuple[str, str, str, Any]]) -> tuple[str, str, bool]:
+def start_run(spec: JobSpec, data_inputs: list[tuple[str, str, str, Any]]) -> tuple[str, str]:
     """Creates the job's run, or reopens it when this output folder already has one (a rerun resumes).
 
     Args:
         data_inputs: (context, source, sha256, pandas frame) per split, recorded as the run's inputs.
 
     Returns:
-        (tracking URI, run id, whether an existing run was reopened).
+        (tracking URI, run id).
     """
     import mlflow
     from mlflow import MlflowClient
@@ -141,7 +141,7 @@ def start_run(spec: JobSpec, data_inputs: list[tuple[str, str, str, Any]]) -> tu
         if state.get("tracking_uri") == uri and state.get("run_name") == spec.run_name():
             try:
                 client.update_run(state["run_id"], status="RUNNING")
-                return uri, state["run_id"], True
+                return uri, state["run_id"]
             except Exception:  # the run was deleted from the store: start a new one
                 pass
     tags = {**spec.tracking.tags, "orchestrator.job": spec.name, "mlflow.source.type": "JOB"}
@@ -155,7 +155,7 @@ def start_run(spec: JobSpec, data_inputs: list[tuple[str, str, str, Any]]) -> tu
         client.set_tag(run_id, f"data.{context}.sha256", sha256)
     client.log_inputs(run_id, datasets=inputs)
     state_file.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri, "run_name": spec.run_name()}))
-    return uri, run_id, False
+    return uri, run_id
 
 
 def end_run(uri: str, run_id: str, status: str) -> None:

@@ -35,7 +35,7 @@ def train(spec: JobSpec, verbose: bool = False, console: TrainingConsole | None 
     data = checked.data
     inputs = [(split.name, split.source, split.digest, _frame(split))
               for split in (data.train, data.validation, data.test) if split is not None]
-    uri, run_id, _ = tracking.start_run(spec, inputs)
+    uri, run_id = tracking.start_run(spec, inputs)
     status = "FAILED"
     console = console or TrainingConsole()
     try:

@@ -44,7 +44,7 @@ def main() -> None:
     launcher.check_placement(spec)
     mark("placement check")
     data = checked.data
-    uri, run_id, _ = tracking.start_run(spec, [(s.name, s.source, s.digest, _frame(s)) for s in (data.train,
+    uri, run_id = tracking.start_run(spec, [(s.name, s.source, s.digest, _frame(s)) for s in (data.train,
                                                                                                data.validation)])
     mark("create MLflow store + run")
     seen: dict[str, float] = {}
