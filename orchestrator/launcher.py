@@ -74,7 +74,10 @@ def connect(verbose: bool = False) -> None:
         # Ray starts workers at nice 15; on a few cores Train's own actors then preempt the training workers
         # for their first ~40 steps (measured: 64 -> 85 samples/s ramp on 2 cores; flat at nice 0).
         os.environ.setdefault("RAY_worker_niceness", "0")
-    local = {} if address else {"include_dashboard": False, "_node_ip_address": "127.0.0.1"}  # loopback only
+    # Loopback only. The dashboard serves Ray's state API, which Train's PlacementGroupCleaner needs to free a
+    # stopped run's placement group (without it, an early-stopped trial's CPUs stay reserved and the search stalls).
+    local = {} if address else {"include_dashboard": True, "dashboard_host": "127.0.0.1",
+                                "_node_ip_address": "127.0.0.1"}
     ray.init(
         address=address,
         **local,
@@ -83,12 +86,16 @@ def connect(verbose: bool = False) -> None:
     )
 
 
-def check_placement(spec: JobSpec) -> None:
-    """Refuses, with the numbers, a job whose workers the cluster cannot place (Ray would wait forever)."""
+def cluster_nodes() -> list[dict[str, float]]:
+    """Total resources of each live node."""
     import ray
 
-    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    problem = placement_problem(spec, nodes)
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+
+
+def check_placement(spec: JobSpec) -> None:
+    """Refuses, with the numbers, a job whose workers the cluster cannot place (Ray would wait forever)."""
+    problem = placement_problem(spec, cluster_nodes())
     if problem:
         raise SpecError(problem)
 
@@ -100,8 +107,6 @@ def run_training(spec: JobSpec, tracking_uri: str, run_id: str, on_progress: Cal
     Raises:
         TrainingFailed: when the workers fail beyond ``scaling.max_failures``.
     """
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Empty, Queue
 
     progress = Queue(actor_options={"num_cpus": 0})
@@ -116,10 +121,32 @@ def run_training(spec: JobSpec, tracking_uri: str, run_id: str, on_progress: Cal
             except Exception:  # the queue actor is gone at shutdown
                 return
 
-    trainer = TorchTrainer(
+    trainer = make_trainer(spec, {"spec": spec.model_dump(), "progress": progress, "tracking_uri": tracking_uri,
+                                  "run_id": run_id}, spec.run_name(), verbose)
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    try:
+        result = trainer.fit()
+    except Exception as error:  # Ray wraps worker errors in TrainingFailedError and friends
+        raise TrainingFailed(worker_error(error)) from error
+    finally:
+        stop.set()
+        thread.join(timeout=2)
+        while not progress.empty():  # deliver what arrived after the pump stopped
+            on_progress(progress.get_nowait())
+    if result.error:
+        raise TrainingFailed(worker_error(result.error))
+    return dict(result.metrics or {})
+
+
+def make_trainer(spec: JobSpec, loop_config: dict[str, Any], name: str, verbose: bool, callbacks=()):
+    """The TorchTrainer for one training job; rerunning with the same name and output folder resumes it."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
         _worker_entry,
-        train_loop_config={"spec": spec.model_dump(), "progress": progress, "tracking_uri": tracking_uri,
-                           "run_id": run_id},
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.scaling.num_workers,
             use_gpu=spec.scaling.use_gpu,
@@ -128,7 +155,7 @@ def run_training(spec: JobSpec, tracking_uri: str, run_id: str, on_progress: Cal
         ),
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
-            name=spec.run_name(),
+            name=name,
             storage_path=os.path.join(spec.output_dir, "ray"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=spec.scaling.max_failures),
@@ -136,25 +163,12 @@ def run_training(spec: JobSpec, tracking_uri: str, run_id: str, on_progress: Cal
                                              "TRANSFORMERS_VERBOSITY": "info" if verbose else "error",
                                              "TOKENIZERS_PARALLELISM": "false"}},
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
+            callbacks=list(callbacks),
         ),
     )
-    thread = threading.Thread(target=pump, daemon=True)
-    thread.start()
-    try:
-        result = trainer.fit()
-    except Exception as error:  # Ray wraps worker errors in TrainingFailedError and friends
-        raise TrainingFailed(_worker_error(error)) from error
-    finally:
-        stop.set()
-        thread.join(timeout=2)
-        while not progress.empty():  # deliver what arrived after the pump stopped
-            on_progress(progress.get_nowait())
-    if result.error:
-        raise TrainingFailed(_worker_error(result.error))
-    return dict(result.metrics or {})
 
 
-def _worker_error(error: BaseException) -> str:
+def worker_error(error: BaseException) -> str:
     """The last line of the worker's traceback (the actual error), not Ray's wrapping."""
     text = str(error).strip()
     lines = [line for line in text.splitlines() if line.strip() and not line.startswith(" ")]
