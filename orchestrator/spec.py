@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -110,6 +111,77 @@ class TrackingSpec(_Strict):
     tags: dict[str, str] = Field(default_factory=dict)
 
 
+class RegistrySpec(_Strict):
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",
+        description="Registered model name in the MLflow model registry. Default: the job name.")
+    challenger_alias: str = Field("challenger", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$",
+                                  description="Alias a search gives its best trial's version.")
+
+
+class Dimension(_Strict):
+    """One searched field: exactly one of the keys, e.g. ``{loguniform: [1e-4, 1e-2]}``."""
+
+    choice: list[Any] | None = Field(None, min_length=1, description="Sample one of these values.")
+    grid: list[Any] | None = Field(None, min_length=1, description="Try every value (a grid axis).")
+    uniform: tuple[float, float] | None = Field(None, description="[low, high]")
+    loguniform: tuple[float, float] | None = Field(None, description="[low, high], both > 0")
+    randint: tuple[int, int] | None = Field(None, description="[low, high), integers")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Dimension:
+        kinds = [k for k in DIMENSION_KINDS if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"give exactly one of {', '.join(DIMENSION_KINDS)} (got {', '.join(kinds) or 'none'})")
+        low_high = self.uniform or self.loguniform or self.randint
+        if low_high and not low_high[0] < low_high[1]:
+            raise ValueError(f"{kinds[0]}: low must be below high (got {list(low_high)})")
+        if self.loguniform and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform: low must be > 0 (got {self.loguniform[0]})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in DIMENSION_KINDS if getattr(self, k) is not None)
+
+    @property
+    def args(self) -> Any:
+        return getattr(self, self.kind)
+
+
+DIMENSION_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
+TUNE_METRICS = {"eval_accuracy": "max", "eval_macro_f1": "max", "eval_loss": "min"}
+
+
+class SchedulerSpec(_Strict):
+    name: Literal["asha", "median", "hyperband", "fifo"] = Field(
+        "asha", description="Early stopping: asha (async successive halving), median stopping, hyperband, "
+                            "or fifo (run every trial to the end).")
+    grace_period: PositiveInt = Field(1, description="Evaluations a trial always gets before it can be stopped.")
+    reduction_factor: float = Field(3.0, gt=1, description="ASHA/HyperBand: keep 1/reduction_factor per rung.")
+    max_intervals: PositiveInt | None = Field(
+        None, description="Budget per trial in evaluation intervals. Default: all of the job's evaluations.")
+
+
+class TuneSpec(_Strict):
+    space: dict[str, Dimension] = Field(min_length=1, description="Dotted spec field -> how to search it.")
+    metric: Literal["eval_accuracy", "eval_macro_f1", "eval_loss"] = "eval_accuracy"
+    mode: Literal["max", "min"] | None = Field(None, description="Default: max for accuracy/F1, min for loss.")
+    num_samples: PositiveInt = Field(1, description="Random samples; with grid axes, repeats of the grid.")
+    search: Literal["random", "grid", "optuna"] = Field(
+        "random", description="random/grid are built in; optuna (TPE) needs pip install 'orchestrator[optuna]'.")
+    seed: int = 0
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    max_concurrent_trials: Literal["auto"] | PositiveInt = Field(
+        "auto", description="auto: as many trials as the cluster's resources hold at once; an integer caps it.")
+    rank_tolerance: float = Field(
+        0.01, ge=0, lt=1, description="Rank advice: smallest rank within this relative distance of the best.")
+    register_best: bool = Field(True, description="Register the best trial's adapter with the challenger alias.")
+
+    def direction(self) -> str:
+        return self.mode or TUNE_METRICS[self.metric]
+
+
 class JobSpec(_Strict):
     """A whole job. Build it with :func:`load_spec`, not by hand, so paths are resolved."""
 
@@ -123,6 +195,8 @@ class JobSpec(_Strict):
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    registry: RegistrySpec = Field(default_factory=RegistrySpec)
+    tune: TuneSpec | None = Field(None, description="A hyperparameter search (orchestrator tune).")
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> JobSpec:
@@ -142,6 +216,20 @@ class JobSpec(_Strict):
             (self.train.precision != "fp32" and self.model.dtype == "float16" and not self.scaling.use_gpu,
              "model.dtype", "float16 weights need GPUs; on CPU use float32 or bfloat16"),
         ]
+        if self.tune:
+            tune = self.tune
+            rules += [
+                (tune.mode is not None and tune.mode != TUNE_METRICS[tune.metric], "tune.mode",
+                 f"{tune.metric} is best {TUNE_METRICS[tune.metric]}imised; set mode: {TUNE_METRICS[tune.metric]}"),
+                (tune.search == "grid" and any(d.kind not in ("grid", "choice") for d in tune.space.values()),
+                 "tune.search", "grid search needs every dimension as grid or choice; use search: random"),
+                (tune.search == "optuna" and any(d.kind == "grid" for d in tune.space.values()), "tune.space",
+                 "optuna samples its own points; write grid axes as choice"),
+                (self.train.checkpoint_every_steps is not None and self.train.eval_every_steps is not None
+                 and self.train.checkpoint_every_steps % self.train.eval_every_steps != 0,
+                 "train.checkpoint_every_steps", "in a search, checkpoint at evaluation steps (a multiple of "
+                 "train.eval_every_steps) so every report to the scheduler carries the metric"),
+            ]
         for broken, field, message in rules:
             if broken:
                 raise ValueError(f"@{field}: {message}")
@@ -149,6 +237,9 @@ class JobSpec(_Strict):
 
     def run_name(self) -> str:
         return self.tracking.run_name or self.name
+
+    def registered_model_name(self) -> str:
+        return self.registry.name or self.name
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -186,7 +277,14 @@ def spec_from_dict(raw: dict[str, Any], source: str = "spec") -> JobSpec:
         spec = JobSpec.model_validate(raw)
     except ValidationError as error:
         raise SpecError(f"{source}: " + "\n  ".join(_describe(e) for e in error.errors())) from None
-    return _resolve_paths(spec)
+    spec = _resolve_paths(spec)
+    if spec.tune:
+        from orchestrator.search import check_space  # every point of the space must make a valid job
+
+        problems = check_space(spec)
+        if problems:
+            raise SpecError(f"{source}: " + "\n  ".join(problems))
+    return spec
 
 
 def _apply_override(raw: dict[str, Any], override: str) -> None:
@@ -220,10 +318,16 @@ def _describe(error: dict[str, Any]) -> str:
 
 
 def _fields_at(location: list[str]) -> list[str]:
+    """The keys known at a location of a job file (through optional sections and mappings like tune.space)."""
     model: Any = JobSpec
-    for part in location:
+    parts = iter(location)
+    for part in parts:
         field = model.model_fields.get(part)
         model = getattr(field, "annotation", None) if field else None
+        if typing.get_origin(model) is dict:
+            model = typing.get_args(model)[1]
+            next(parts, None)  # the mapping's key, e.g. the dotted field in tune.space
+        model = next((a for a in typing.get_args(model) if isinstance(a, type) and issubclass(a, BaseModel)), model)
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return []
     return list(model.model_fields)
