@@ -103,6 +103,8 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
     engine.train()
     window = {"loss": 0.0, "tokens": 0, "examples": 0, "steps": 0, "seconds": 0.0}  # since the last log line
     metrics: dict[str, float] = {}
+    train_seconds = 0.0  # this session's time in forward/backward/step, the denominator of overhead figures
+    timers = {"eval_seconds": 0.0, "report_seconds": 0.0}  # evaluation; checkpoint saving + reporting to Ray
     for step in range(start_step, plan.total_steps):
         step_start = time.perf_counter()
         for micro in range(plan.gradient_accumulation_steps):
@@ -123,10 +125,11 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
                                  dtype=torch.float64)
             dist.all_reduce(stats)  # sums over workers; seconds summed too, so divide by world size
             seconds = stats[3].item() / ctx.world_size
+            train_seconds += seconds
             metrics = {"train_loss": stats[0].item() / ctx.world_size / window["steps"],
                        "peak_memory_mb": _peak_memory_mb(spec.scaling.use_gpu),
                        "learning_rate": engine.get_lr()[0], "tokens_per_s": stats[1].item() / seconds,
-                       "samples_per_s": stats[2].item() / seconds,
+                       "samples_per_s": stats[2].item() / seconds, "train_seconds": train_seconds,
                        "epoch": done * plan.gradient_accumulation_steps / plan.micro_batches_per_epoch}
             sink.log_metrics(metrics, done)
             ctx.progress({"event": "step", "step": done, "total": plan.total_steps, **metrics})
@@ -135,14 +138,18 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
         is_eval = done % plan.eval_every_steps == 0 or last
         is_checkpoint = done % plan.checkpoint_every_steps == 0 and not last  # the last one follows the save
         if is_eval:
+            started = time.perf_counter()
             evaluation = {f"eval_{k}": v for k, v in evaluate(data.validation).items()}
-            metrics = {**metrics, **evaluation, "step": done}
+            timers["eval_seconds"] += time.perf_counter() - started
+            metrics = {**metrics, **evaluation, **timers, "step": done}
             sink.log_metrics(evaluation, done)
             ctx.progress({"event": "eval", "step": done, "total": plan.total_steps, **evaluation})
+        started = time.perf_counter()
         if is_checkpoint:
             checkpoint(done, metrics)
         elif is_eval and not last:
             ctx.report(metrics, None, "")
+        timers["report_seconds"] += time.perf_counter() - started
 
     # ------------------------------------------------------------------ save
     final = dict(metrics)
@@ -156,7 +163,8 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
     else:  # a rerun of a finished job: its final checkpoint already exists; registering it twice would let
         ctx.report(final, None, "")  # Ray's retention delete the directory both entries point to
     if ctx.rank == 0:
-        sink.log_metrics({k: v for k, v in final.items() if k.startswith(("eval_", "test_"))}, plan.total_steps)
+        if start_step < plan.total_steps:  # the last evaluation was logged in the loop; a rerun logs nothing twice
+            sink.log_metrics({k: v for k, v in final.items() if k.startswith("test_")}, plan.total_steps)
         sink.log_artifacts(adapter, ADAPTER_DIR)
         ctx.progress({"event": "done", "adapter": adapter, **final})
     return final
