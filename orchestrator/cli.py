@@ -58,6 +58,33 @@ def _train(args) -> int:
     return 0
 
 
+def _tune(args) -> int:
+    from orchestrator.spec import load_spec
+    from orchestrator.tracking import run_url
+    from orchestrator.tuning import tune
+
+    spec = load_spec(args.job, args.overrides)
+    result = tune(spec, resume=args.resume, verbose=args.verbose)
+    best, metric = result.best, spec.tune.metric
+    counts = {}
+    for outcome in result.outcomes:
+        counts[outcome.status] = counts.get(outcome.status, 0) + 1
+    print(f"trials:  {len(result.outcomes)} (" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) +
+          f"), {sum(o.steps for o in result.outcomes)} optimizer steps in all")
+    print(f"best:    trial {best.trial_id} {metric} {best.history[-1][metric]:.4f} with " +
+          ", ".join(f"{k}={v}" for k, v in sorted(best.config.items())))
+    if result.advice:
+        print(f"rank:    {result.advice.sentence(metric)}")
+    if result.registered:
+        name, version = result.registered
+        print(f"registry: {name} version {version} -> alias '{spec.registry.challenger_alias}' "
+              f"(models:/{name}@{spec.registry.challenger_alias})")
+    print(f"adapter: {spec.output_dir}/trials/{best.trial_id}/adapter")
+    print(f"summary: {result.files['markdown']}  (CSV, plots and summary.json beside it)")
+    print(f"mlflow:  {run_url(result.tracking_uri, result.parent_run_id)}")
+    return 0
+
+
 def _schema(_args) -> int:
     from orchestrator.spec import json_schema
 
@@ -75,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("overrides", nargs="*", metavar="key.path=value", help="override spec fields")
         command.add_argument("-v", "--verbose", action="store_true", help="show Ray's and the libraries' logs")
         command.set_defaults(handler=handler)
+    search = commands.add_parser("tune", help="search LoRA hyperparameters with Ray Tune (ASHA early stopping)",
+                                 description="Run the job's tune section: one Ray Train job per trial.")
+    search.add_argument("job", help="job YAML file with a tune section")
+    search.add_argument("overrides", nargs="*", metavar="key.path=value", help="override spec fields")
+    search.add_argument("--resume", action="store_true", help="continue a study whose driver stopped")
+    search.add_argument("-v", "--verbose", action="store_true", help="show Ray's and the libraries' logs")
+    search.set_defaults(handler=_tune)
     schema = commands.add_parser("schema", help="print the JSON Schema of job files")
     schema.set_defaults(handler=_schema, verbose=False)
     return parser
@@ -85,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet(args.verbose)
     from orchestrator.launcher import TrainingFailed
     from orchestrator.spec import SpecError
+    from orchestrator.tuning import StudyFailed
 
     try:
         return args.handler(args)
@@ -94,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingFailed as error:
         print(f"error: training failed: {error}\n  (rerun with -v for the workers' logs; rerunning the same job "
               "resumes from its last checkpoint)", file=sys.stderr)
+        return EXIT_FAILED
+    except StudyFailed as error:
+        print(f"error: search failed: {error}\n  (rerun with -v for the workers' logs)", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted; rerun the same job to resume from its last checkpoint", file=sys.stderr)

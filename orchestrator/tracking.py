@@ -172,3 +172,93 @@ def run_url(uri: str, run_id: str) -> str:
         experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
         return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     return f"run {run_id} in {uri} (open with: mlflow ui --backend-store-uri {uri})"
+
+
+# ---------------------------------------------------------------------------------------------- studies
+
+TRIAL_TAG, PARENT_TAG = "orchestrator.trial_id", "mlflow.parentRunId"
+
+
+def start_trial_run(uri: str, parent_run_id: str, trial_id: str, spec: JobSpec, config: dict[str, Any]) -> str:
+    """The trial's nested child run, created once per trial (by the trial's driver, never by a worker) and
+    found again by its tag when a resumed study restarts the trial."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_run_id)
+    found = client.search_runs([parent.info.experiment_id], max_results=1,
+                               filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and "
+                                             f"tags.`{TRIAL_TAG}` = '{trial_id}'")
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    tags = {**spec.tracking.tags, PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, "orchestrator.job": spec.name,
+            "orchestrator.study": parent.info.run_name, "mlflow.source.type": "JOB"}
+    run = client.create_run(parent.info.experiment_id, run_name=spec.run_name(), tags=tags)
+    params = {**{f"trial.{k}": json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in config.items()},
+              **flatten(spec.model_dump())}
+    client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+    return run.info.run_id
+
+
+def trial_runs(uri: str, parent_run_id: str) -> dict[str, str]:
+    """trial id -> child run id, for every trial run under the study's parent run."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                              max_results=10_000)
+    return {run.data.tags[TRIAL_TAG]: run.info.run_id for run in runs if TRIAL_TAG in run.data.tags}
+
+
+def end_trial_run(uri: str, run_id: str, outcome: str, error: str | None = None) -> None:
+    """Records how the trial ended: 'finished' and 'stopped early' end FINISHED (tagged), 'failed' ends FAILED."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    client.set_tag(run_id, "orchestrator.trial_status", outcome)
+    if error:
+        client.set_tag(run_id, "orchestrator.error", error[:4000])
+    client.set_terminated(run_id, status="FAILED" if outcome == "failed" else "FINISHED")
+
+
+def log_study_summary(uri: str, parent_run_id: str, folder: str, metrics: dict[str, float],
+                      tags: dict[str, str]) -> None:
+    """The study's summary on its parent run: results table, plots and the best trial's numbers."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
+
+    client, now = MlflowClient(uri), int(time.time() * 1000)
+    client.log_batch(parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                     tags=[RunTag(k, v) for k, v in tags.items()])
+    client.log_artifacts(parent_run_id, folder, "study")
+
+
+def register_adapter(uri: str, name: str, run_id: str, alias: str, tags: dict[str, str]) -> str:
+    """Registers ``runs:/run_id/adapter`` as a new version of ``name`` and points ``alias`` at it.
+
+    Idempotent for a study: if a version from the same run already exists, it is reused (a resumed or rerun
+    study registers nothing twice). Returns the version number.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(uri, registry_uri=uri)
+    try:
+        client.create_registered_model(name, tags={"orchestrator.base_model": tags.get("base_model", "")})
+    except MlflowException as error:
+        if "RESOURCE_ALREADY_EXISTS" not in str(error.error_code):
+            raise
+    existing = [v for v in client.search_model_versions(f"name = '{name}'") if v.run_id == run_id]
+    if existing:
+        version = existing[0].version
+    else:
+        source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{ADAPTER_ARTIFACT}"
+        version = client.create_model_version(name, source, run_id=run_id, tags=tags).version
+    client.set_registered_model_alias(name, alias, version)
+    return str(version)
+
+
+ADAPTER_ARTIFACT = "adapter"
