@@ -40,6 +40,14 @@ def _validate(args) -> int:
     print(f"  plan: {spec.scaling.num_workers} workers x {plan.micro_batch_size} x {plan.gradient_accumulation_steps}"
           f" accumulation = global batch {plan.global_batch_size}; {plan.total_steps} steps "
           f"({plan.steps_per_epoch:g} per epoch), eval every {plan.eval_every_steps}")
+    if spec.tune:
+        from orchestrator.search import num_trials
+
+        study = spec.tune
+        count = f"{study.num_samples} samples" if study.search == "optuna" else f"{num_trials(spec)} trials"
+        print(f"  tune: {count}, {study.search} search, {study.scheduler.name} scheduler on {study.metric} "
+              f"({study.direction()}); space: " + ", ".join(f"{k} {d.kind} {list(d.args)}"
+                                                          for k, d in study.space.items()))
     return 0
 
 

