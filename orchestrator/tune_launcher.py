@@ -157,10 +157,12 @@ def run_search(spec: JobSpec, *, tracking_uri: str, parent_run_id: str, concurre
                verbose: bool = False) -> list[TrialRecord]:
     """Runs (or resumes) the study; returns every trial's record. ``on_event(kind, trial_id, config, data)``
     hears 'start', 'result', 'complete' and 'error' as they happen."""
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the console's trial table replaces Tune's own output
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C ends the study as KILLED, resumable
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # a resumed study knows of trials ended >5 s earlier
     from ray import tune
 
     assert spec.tune is not None
-
     study = {"spec": spec.model_dump(), "tracking_uri": tracking_uri, "parent_run_id": parent_run_id,
              "verbose": verbose}
     trainable = tune.with_resources(tune.with_parameters(_trial_entry, study=study),

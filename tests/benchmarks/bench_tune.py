@@ -2,8 +2,9 @@
 
     .venv/bin/python tests/benchmarks/bench_tune.py [--steps 80] [--evals 8]
 
-One job, one 16-configuration grid (LoRA rank 4/8/16/32 x learning rate 3e-4/1e-3/3e-3/1e-2), searched twice
-back to back on the same cluster: with ASHA, and with FIFO (every trial runs all its steps). Each search is a
+One job, one 16-configuration grid (LoRA rank 4/8/16/32 x learning rate 3e-4/1e-3/3e-3/1e-2, tried in the same
+seeded shuffled order), searched twice back to back: with ASHA (grace 1 evaluation, reduction factor 4), and
+with FIFO (every trial runs all its steps). Each search is a
 real `orchestrator tune` process; 1 one-CPU worker per trial, so two trials run at a time on 2 cores.
 Reports total optimizer steps, wall time, the best validation accuracy each search found, and per trial the
 orchestration overhead: trial wall time (Tune's start to its end) minus the worker's own training and
