@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: search failed: {error}\n  (rerun with -v for the workers' logs)", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print("interrupted; rerun the same job to resume from its last checkpoint", file=sys.stderr)
+        print("interrupted; rerun the same job to resume from its last checkpoint (a search: orchestrator tune JOB "
+              "--resume)", file=sys.stderr)
         return 130
 
 
