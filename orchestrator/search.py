@@ -194,14 +194,6 @@ def classify(reported_steps: int, total_steps: int, errored: bool) -> str:
     return FINISHED if reported_steps >= total_steps else STOPPED_EARLY
 
 
-def best_trial(outcomes: list[TrialOutcome], metric: str, mode: str) -> TrialOutcome | None:
-    """The trial with the best value of the metric at any evaluation (None if no trial reported it)."""
-    scored = [(o.best(metric, mode), o) for o in outcomes if o.best(metric, mode) is not None]
-    if not scored:
-        return None
-    return (max if mode == "max" else min)(scored, key=lambda pair: pair[0])[1]
-
-
 @dataclass(frozen=True)
 class RankAdvice:
     rank: int

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from orchestrator.spec import JobSpec, SpecError
 
 RUN_STATE_FILE = "mlflow_run.json"
+ADAPTER_ARTIFACT = "adapter"  # where rank 0 logs the adapter folder in the run's artifacts
 
 
 class MetricSink(Protocol):
@@ -260,5 +261,3 @@ def register_adapter(uri: str, name: str, run_id: str, alias: str, tags: dict[st
     client.set_registered_model_alias(name, alias, version)
     return str(version)
 
-
-ADAPTER_ARTIFACT = "adapter"

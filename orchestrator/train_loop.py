@@ -21,7 +21,7 @@ from orchestrator.modeling import build_peft_model, parameter_counts, read_deeps
 from orchestrator.planning import deepspeed_config, eval_shard, lr_multiplier, micro_batch_indices, plan_batches
 from orchestrator.session import WorkerContext
 from orchestrator.spec import JobSpec
-from orchestrator.tracking import MetricSink, MlflowSink, NullSink
+from orchestrator.tracking import ADAPTER_ARTIFACT, MetricSink, MlflowSink, NullSink
 
 ADAPTER_DIR = "adapter"
 
@@ -104,7 +104,7 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
     window = {"loss": 0.0, "tokens": 0, "examples": 0, "steps": 0, "seconds": 0.0}  # since the last log line
     metrics: dict[str, float] = {}
     train_seconds = 0.0  # this session's time in forward/backward/step, the denominator of overhead figures
-    timers = {"eval_seconds": 0.0, "report_seconds": 0.0}  # evaluation; checkpoint saving + reporting to Ray
+    timers = {"evaluation_seconds": 0.0, "report_seconds": 0.0}  # evaluation; checkpoint saving + reporting to Ray
     for step in range(start_step, plan.total_steps):
         step_start = time.perf_counter()
         for micro in range(plan.gradient_accumulation_steps):
@@ -140,7 +140,7 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
         if is_eval:
             started = time.perf_counter()
             evaluation = {f"eval_{k}": v for k, v in evaluate(data.validation).items()}
-            timers["eval_seconds"] += time.perf_counter() - started
+            timers["evaluation_seconds"] += time.perf_counter() - started
             metrics = {**metrics, **evaluation, **timers, "step": done}
             sink.log_metrics(evaluation, done)
             ctx.progress({"event": "eval", "step": done, "total": plan.total_steps, **evaluation})
@@ -165,7 +165,7 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
     if ctx.rank == 0:
         if start_step < plan.total_steps:  # the last evaluation was logged in the loop; a rerun logs nothing twice
             sink.log_metrics({k: v for k, v in final.items() if k.startswith("test_")}, plan.total_steps)
-        sink.log_artifacts(adapter, ADAPTER_DIR)
+        sink.log_artifacts(adapter, ADAPTER_ARTIFACT)
         ctx.progress({"event": "done", "adapter": adapter, **final})
     return final
 

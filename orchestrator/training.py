@@ -32,10 +32,7 @@ def train(spec: JobSpec, verbose: bool = False, console: TrainingConsole | None 
     tracking.check_reachable(spec)
     launcher.connect(verbose)
     launcher.check_placement(spec)
-    data = checked.data
-    inputs = [(split.name, split.source, split.digest, _frame(split))
-              for split in (data.train, data.validation, data.test) if split is not None]
-    uri, run_id = tracking.start_run(spec, inputs)
+    uri, run_id = tracking.start_run(spec, data_inputs(checked.data))
     status = "FAILED"
     console = console or TrainingConsole()
     try:
@@ -50,7 +47,9 @@ def train(spec: JobSpec, verbose: bool = False, console: TrainingConsole | None 
     return TrainResult(str(Path(spec.output_dir, ADAPTER_DIR)), uri, run_id, metrics)
 
 
-def _frame(split):
+def data_inputs(data) -> list[tuple]:
+    """(context, source, sha256, pandas frame) per split: what :func:`tracking.start_run` records as inputs."""
     import pandas as pd
 
-    return pd.DataFrame({"text": split.texts, "label": split.labels})
+    return [(split.name, split.source, split.digest, pd.DataFrame({"text": split.texts, "label": split.labels}))
+            for split in (data.train, data.validation, data.test) if split is not None]

@@ -71,12 +71,10 @@ def _scheduler(spec: JobSpec, max_intervals: int):
     assert spec.tune is not None
     chosen = spec.tune.scheduler
     grace = min(chosen.grace_period, max_intervals)
-    if chosen.name == "asha":
+    if chosen.name in ("asha", "hyperband"):  # hyperband: HyperBand's brackets, asynchronous (see the README)
         return AsyncHyperBandScheduler(time_attr="training_iteration", max_t=max_intervals, grace_period=grace,
-                                       reduction_factor=chosen.reduction_factor, brackets=1)
-    if chosen.name == "hyperband":  # HyperBand's brackets, run asynchronously (no pausing; see the README)
-        return AsyncHyperBandScheduler(time_attr="training_iteration", max_t=max_intervals, grace_period=grace,
-                                       reduction_factor=chosen.reduction_factor, brackets=3)
+                                       reduction_factor=chosen.reduction_factor,
+                                       brackets=1 if chosen.name == "asha" else 3)
     if chosen.name == "median":
         return MedianStoppingRule(time_attr="training_iteration", grace_period=grace, min_samples_required=2)
     return FIFOScheduler()
@@ -162,6 +160,8 @@ def run_search(spec: JobSpec, *, tracking_uri: str, parent_run_id: str, concurre
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # a resumed study knows of trials ended >5 s earlier
     from ray import tune
 
+    from orchestrator.launcher import worker_error
+
     assert spec.tune is not None
     study = {"spec": spec.model_dump(), "tracking_uri": tracking_uri, "parent_run_id": parent_run_id,
              "verbose": verbose}
@@ -188,13 +188,8 @@ def run_search(spec: JobSpec, *, tracking_uri: str, parent_run_id: str, concurre
         frame = result.metrics_dataframe
         history = frame.to_dict("records") if frame is not None else []
         trial_id = (result.metrics or {}).get("trial_id") or os.path.basename(result.path).split("_")[-2]
-        error = _last_line(result.error) if result.error else None
+        error = worker_error(result.error) if result.error else None
         seconds = float((result.metrics or {}).get("time_total_s", 0.0))
         records.append(TrialRecord(str(trial_id), dict(result.config or {}), history, error, seconds))
     return records
 
-
-def _last_line(error: BaseException) -> str:
-    from orchestrator.launcher import worker_error
-
-    return worker_error(error)

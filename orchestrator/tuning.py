@@ -19,7 +19,6 @@ from orchestrator.search import (
     FINISHED,
     RankAdvice,
     TrialOutcome,
-    best_trial,
     classify,
     concurrency,
     num_trials,
@@ -28,6 +27,7 @@ from orchestrator.search import (
     trials_that_fit,
 )
 from orchestrator.spec import JobSpec, SpecError
+from orchestrator.training import data_inputs
 
 SUMMARY_DIR = "summary"
 
@@ -91,10 +91,7 @@ def tune(spec: JobSpec, resume: bool = False, verbose: bool = False, console: St
     max_intervals = spec.tune.scheduler.max_intervals or math.ceil(
         checked.plan.total_steps / checked.plan.eval_every_steps)
 
-    data = checked.data
-    inputs = [(split.name, split.source, split.digest, _frame(split))
-              for split in (data.train, data.validation, data.test) if split is not None]
-    uri, parent = tracking.start_run(spec, inputs)
+    uri, parent = tracking.start_run(spec, data_inputs(checked.data))
     metric, mode = spec.tune.metric, spec.tune.direction()
     console = console or StudyConsole(metric, mode)
     console.console.print(f"study {spec.name}: {planned} trials, {running} at a time "
@@ -127,7 +124,7 @@ def tune(spec: JobSpec, resume: bool = False, verbose: bool = False, console: St
                 last = history[-1] if history else {}
                 outcome = TrialOutcome(record.trial_id, record.config, classify(steps, total, record.error is not None),
                                        history, record.error, wall, float(last.get("train_seconds", 0.0)),
-                                       float(last.get("eval_seconds", 0.0)), runs.get(record.trial_id))
+                                       float(last.get("evaluation_seconds", 0.0)), runs.get(record.trial_id))
                 outcomes.append(outcome)
                 if outcome.run_id:
                     tracking.end_trial_run(uri, outcome.run_id, outcome.status, outcome.error)
@@ -162,9 +159,10 @@ def tune(spec: JobSpec, resume: bool = False, verbose: bool = False, console: St
 
 def _best_finished(finished: list[TrialOutcome], metric: str, mode: str) -> TrialOutcome | None:
     """The finished trial whose final evaluation is best: that is the adapter it saved."""
-    finals = [TrialOutcome(o.trial_id, o.config, o.status, o.history[-1:]) for o in finished if o.history]
-    chosen = best_trial(finals, metric, mode)
-    return next(o for o in finished if o.trial_id == chosen.trial_id) if chosen else None
+    scored = [o for o in finished if o.history and metric in o.history[-1]]
+    if not scored:
+        return None
+    return (max if mode == "max" else min)(scored, key=lambda o: o.history[-1][metric])
 
 
 def _write_summary(folder: Path, outcomes, spec: JobSpec, best, advice, running: int) -> dict[str, str]:
@@ -188,8 +186,3 @@ def _version_tags(spec: JobSpec, best: TrialOutcome, parent_run_id: str) -> dict
             "orchestrator.config": json.dumps(best.config, sort_keys=True),
             "base_model": spec.model.path}
 
-
-def _frame(split):
-    from orchestrator.training import _frame as frame
-
-    return frame(split)

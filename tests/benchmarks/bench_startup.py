@@ -29,7 +29,7 @@ def main() -> None:
     from orchestrator import launcher, tracking
     from orchestrator.preflight import preflight
     from orchestrator.spec import load_spec
-    from orchestrator.training import _frame
+    from orchestrator.training import data_inputs
 
     mark("imports")
     output = tempfile.mkdtemp()
@@ -44,8 +44,7 @@ def main() -> None:
     launcher.check_placement(spec)
     mark("placement check")
     data = checked.data
-    uri, run_id = tracking.start_run(spec, [(s.name, s.source, s.digest, _frame(s)) for s in (data.train,
-                                                                                               data.validation)])
+    uri, run_id = tracking.start_run(spec, data_inputs(data))
     mark("create MLflow store + run")
     seen: dict[str, float] = {}
 
