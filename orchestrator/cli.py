@@ -1,6 +1,7 @@
 """The ``orchestrator`` command. Thin: parse arguments, call one function, print, pick the exit code.
 
-Exit codes: 0 success, 1 training failed, 2 bad input (spec, data, model or cluster resources).
+Exit codes: 0 success, 1 training failed, 2 bad input (spec, data, model, cluster resources, registry
+references, unreachable services), 3 retrain kept the champion (the challenger did not pass the gate).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import sys
 import warnings
 
-EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_KEPT = 1, 2, 3
 
 
 def _quiet(verbose: bool) -> None:
@@ -31,6 +32,15 @@ def _validate(args) -> int:
     from orchestrator.spec import load_spec
 
     spec = load_spec(args.job, args.overrides)
+    if spec.retrain:
+        from orchestrator.promotion import resolve_snapshot, snapshot_job
+        from orchestrator.tracking import tracking_uri
+
+        snapshot = resolve_snapshot(spec.retrain.data)
+        print(f"  retrain: snapshot {snapshot.name} (sha256 {snapshot.digest[:12]}), gate on {spec.retrain.metric} "
+              f"(margin {spec.retrain.margin:g}), challenger by {spec.retrain.challenger}, model "
+              f"{spec.registered_model_name()}@{spec.registry.champion_alias}")
+        spec = snapshot_job(spec, snapshot, tracking_uri(spec))
     checked = preflight(spec)
     data, plan = checked.data, checked.plan
     print(f"{args.job}: valid (spec version {spec.version})")
@@ -93,6 +103,77 @@ def _tune(args) -> int:
     return 0
 
 
+def _retrain(args) -> int:
+    from orchestrator.retraining import retrain
+    from orchestrator.spec import load_spec
+
+    spec = load_spec(args.job, args.overrides)
+    result = retrain(spec, verbose=args.verbose)
+    values = f"challenger {result.challenger_value:.4f}" if result.challenger_value is not None else ""
+    if result.champion_value is not None:
+        values += f", champion {result.champion_value:.4f}"
+    earlier = " (decided by an earlier retrain of this snapshot; nothing new registered)" if result.reused else ""
+    if result.run_id:
+        from orchestrator.tracking import run_url, tracking_uri
+
+        print(f"mlflow:  {run_url(tracking_uri(spec), result.run_id)}")
+    verdict = (f"promoted {result.model} version {result.version} to @{spec.registry.champion_alias}"
+               if result.decision.promote else
+               f"kept @{spec.registry.champion_alias} at " + (f"version {result.champion}" if result.champion else
+                                                              "no version (no champion yet)") +
+               f"; challenger is version {result.version}")
+    print(f"decision: {verdict} on snapshot {result.snapshot.name} (sha256 {result.snapshot.digest[:12]}): "
+          f"{result.decision.reason}{earlier}" + (f" [{values}]" if values and not result.reused else ""))
+    return 0 if result.decision.promote else EXIT_KEPT
+
+
+def _submit(args) -> int:
+    from orchestrator.submit import submit
+
+    return submit(args.job, args.overrides, args.address, args.command_name, wait=not args.no_wait)
+
+
+def _registry(args) -> int:
+    from orchestrator import registry
+
+    client = registry.connect(registry.registry_uri(args.tracking_uri))
+    action = args.action
+    if action == "ls":
+        rows = registry.list_versions(client, args.name)
+        if not rows:
+            print("no registered models" if not args.name else f"{args.name} has no versions")
+            return 0
+        header = ("model", "version", "aliases", "base_model", "metric", "created", "source")
+        table = [header] + [(r["model"], r["version"], ",".join("@" + a for a in r["aliases"]), r["base_model"],
+                             r["metric"], r["created"], r["source"]) for r in rows]
+        widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+        for row in table:
+            print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+    elif action == "show":
+        info = registry.show(client, registry.parse_ref(args.ref))
+        if args.json:
+            print(json.dumps(info, indent=2, default=str))
+            return 0
+        print(f"{info['name']} version {info['version']}  aliases: "
+              f"{', '.join('@' + a for a in info['aliases']) or 'none'}  created {info['created']}")
+        for section in ("lineage", "metrics", "params", "tags"):
+            items = {k: v for k, v in info[section].items() if v not in (None, "", {})}
+            print(f"{section}:" + ("" if items else " none"))
+            for key, value in items.items():
+                print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+    elif action == "pull":
+        folder, version = registry.pull(client, registry.parse_ref(args.ref), args.to)
+        print(f"pulled {args.ref} (version {version}) to {folder}")
+    elif action == "promote":
+        previous = registry.promote(client, args.name, str(args.version), args.alias, args.reason,
+                                    allow_unevaluated=args.allow_unevaluated)
+        print(f"{args.name}@{args.alias}: version {previous or 'none'} -> {args.version} ({args.reason})")
+    elif action == "rollback":
+        before, after = registry.rollback(client, args.name, args.alias, args.reason)
+        print(f"{args.name}@{args.alias}: version {before} -> {after} (rolled back: {args.reason})")
+    return 0
+
+
 def _schema(_args) -> int:
     from orchestrator.spec import json_schema
 
@@ -117,6 +198,50 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--resume", action="store_true", help="continue a study whose driver stopped")
     search.add_argument("-v", "--verbose", action="store_true", help="show Ray's and the libraries' logs")
     search.set_defaults(handler=_tune)
+    again = commands.add_parser("retrain", help="train a challenger on the newest data snapshot; promote it to "
+                                "champion only if it beats the champion (exit 0 promoted, 3 kept)",
+                                description="What a schedule runs. Idempotent per data snapshot.")
+    again.add_argument("job", help="job YAML file with a retrain section")
+    again.add_argument("overrides", nargs="*", metavar="key.path=value", help="override spec fields")
+    again.add_argument("-v", "--verbose", action="store_true", help="show Ray's and the libraries' logs")
+    again.set_defaults(handler=_retrain)
+    remote = commands.add_parser("submit", help="run an orchestrator command on a Ray cluster via the Ray Jobs API",
+                                 description="Uploads the current folder and this orchestrator package, runs "
+                                             "'orchestrator COMMAND JOB' on the cluster, streams its logs and exits "
+                                             "with its exit code.")
+    remote.add_argument("job", help="job YAML file under the current folder")
+    remote.add_argument("overrides", nargs="*", metavar="key.path=value", help="override spec fields")
+    remote.add_argument("--address", required=True, help="the head's job API, e.g. http://HEAD:8265")
+    remote.add_argument("--command", dest="command_name", default="train", choices=("train", "tune", "retrain",
+                                                                                    "validate"))
+    remote.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    remote.set_defaults(handler=_submit, verbose=False)
+    models = commands.add_parser("registry", help="list, inspect, pull, promote and roll back registered adapters")
+    models.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI)")
+    actions = models.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("ls", help="models, versions, aliases, base model and key metric")
+    listing.add_argument("name", nargs="?", help="one model (default: all)")
+    shown = actions.add_parser("show", help="params, metrics and lineage of a version")
+    shown.add_argument("ref", help="NAME@alias, NAME/VERSION or models:/...")
+    shown.add_argument("--json", action="store_true", help="machine-readable output")
+    pulled = actions.add_parser("pull", help="download a version's PEFT adapter folder")
+    pulled.add_argument("ref", help="NAME@alias, NAME/VERSION or models:/...")
+    pulled.add_argument("--to", required=True, help="a new folder")
+    promoted = actions.add_parser("promote", help="point an alias at a version (records who and why)")
+    promoted.add_argument("name")
+    promoted.add_argument("version", type=int)
+    promoted.add_argument("--alias", default="champion")
+    promoted.add_argument("--reason", required=True, help="why; kept as a tag on the version")
+    promoted.add_argument("--allow-unevaluated", action="store_true",
+                          help="promote a version that has no evaluation results (not recommended)")
+    back = actions.add_parser("rollback", help="move an alias back to the version that held it before")
+    back.add_argument("name")
+    back.add_argument("--alias", default="champion")
+    back.add_argument("--reason", default="rollback", help="why; kept as a tag on the version")
+    for sub in (listing, shown, pulled, promoted, back):
+        sub.add_argument("--tracking-uri", default=argparse.SUPPRESS,
+                         help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI)")
+    models.set_defaults(handler=_registry, verbose=False)
     schema = commands.add_parser("schema", help="print the JSON Schema of job files")
     schema.set_defaults(handler=_schema, verbose=False)
     return parser

@@ -94,6 +94,9 @@ def load_task_data(spec: DataSpec) -> TaskData:
     Raises:
         SpecError: naming the file, row or column at fault.
     """
+    if spec.train is None:
+        raise SpecError("data.train: not given; a retrain job takes its data from retrain.data's newest snapshot: "
+                        "run it with orchestrator retrain (or orchestrator validate, which resolves the snapshot)")
     texts, labels = _read_columns(spec.train, "data.train", spec)
     label_names = sorted(set(labels))
     if len(label_names) < 2:

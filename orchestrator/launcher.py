@@ -28,10 +28,12 @@ class RayContext:
     """The worker side of Ray Train behind :class:`orchestrator.session.WorkerContext`."""
 
     def __init__(self, progress_queue):
+        import ray
         import ray.train
 
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.node_id = ray.get_runtime_context().get_node_id()
         self._queue = progress_queue
 
     @contextmanager

@@ -117,7 +117,26 @@ def build_peft_model(spec: JobSpec, label_names: list[str]):
         use_safetensors=True,
         ignore_mismatched_sizes=True,  # a base that already has a head gets a fresh one for our labels
     )
+    if spec.model.adapter:  # continued training: the adapter's own LoRA settings and weights, trainable
+        from peft import PeftModel
+
+        check_adapter_labels(spec.model.adapter, label_names)
+        return PeftModel.from_pretrained(base, spec.model.adapter, is_trainable=True)
     return get_peft_model(base, lora_config(spec.lora))
+
+
+def check_adapter_labels(folder: str, label_names: list[str]) -> None:
+    """A starting adapter's classification head only fits data with the same labels in the same order."""
+    import json
+
+    labels_file = Path(folder, "labels.json")
+    if not Path(folder, "adapter_config.json").is_file():
+        raise SpecError(f"model.adapter: {folder} is not a PEFT adapter folder (no adapter_config.json)")
+    if labels_file.is_file() and json.loads(labels_file.read_text()) != label_names:
+        theirs = json.loads(labels_file.read_text())
+        raise SpecError(f"model.adapter: the adapter was trained on labels {theirs[:6]}... ({len(theirs)}), the data "
+                        f"has {label_names[:6]}... ({len(label_names)}); continue from an adapter with the same labels "
+                        "or drop model.adapter to train a fresh one")
 
 
 def parameter_counts(model) -> tuple[int, int]:

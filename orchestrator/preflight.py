@@ -8,7 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from orchestrator.data import TaskData, load_task_data
-from orchestrator.modeling import check_target_modules, linear_module_names, read_deepspeed_json
+from orchestrator.modeling import (
+    check_adapter_labels,
+    check_target_modules,
+    linear_module_names,
+    read_deepspeed_json,
+)
 from orchestrator.planning import BatchPlan, deepspeed_config, plan_batches
 from orchestrator.spec import JobSpec
 
@@ -28,4 +33,6 @@ def preflight(spec: JobSpec) -> Preflight:
     deepspeed_config(spec, plan, read_deepspeed_json(spec.deepspeed.config))  # checks a user JSON's batch keys
     names, total = linear_module_names(spec, len(data.label_names))
     check_target_modules(spec.lora, names)
+    if spec.model.adapter and not spec.model.adapter.startswith("models:/"):
+        check_adapter_labels(spec.model.adapter, data.label_names)
     return Preflight(data, plan, total, len(names))

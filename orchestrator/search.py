@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from orchestrator.spec import Dimension, JobSpec, SpecError
 
-NOT_SEARCHABLE = ("version", "name", "output_dir", "tune", "registry", "tracking", "scaling")
+NOT_SEARCHABLE = ("version", "name", "output_dir", "tune", "registry", "tracking", "scaling", "retrain")
 STOPPED_EARLY, FINISHED, FAILED = "stopped early", "finished", "failed"
 
 
@@ -77,6 +77,8 @@ def trial_spec(spec: JobSpec, config: dict[str, Any], output_dir: str, trial_id:
     """
     raw = spec.model_dump()
     raw["tune"] = None
+    if raw.get("retrain"):  # a retrain's search: the trial itself is a plain training run
+        raw["retrain"]["challenger"] = "train"
     for path, value in config.items():
         node = raw
         *parents, leaf = path.split(".")

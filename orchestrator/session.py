@@ -18,6 +18,7 @@ from typing import Any, Protocol
 class WorkerContext(Protocol):
     rank: int
     world_size: int
+    node_id: str  # the Ray node this worker runs on ("local" in-process)
 
     def restore(self) -> AbstractContextManager[str | None]:
         """The latest reported checkpoint as a local folder, or None on a fresh start."""
@@ -33,7 +34,7 @@ class LocalContext:
     """In-process, world size 1 (gloo on CPU, nccl on a GPU): checkpoints are copied into
     ``checkpoint_root/NAME`` and kept."""
 
-    rank, world_size = 0, 1
+    rank, world_size, node_id = 0, 1, "local"
 
     def __init__(self, checkpoint_root: str, on_progress=None, backend: str = "gloo"):
         import torch.distributed as dist

@@ -8,6 +8,7 @@ that the spec means the same thing on every Ray worker. Defaults live here and n
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import re
 import typing
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SPEC_VERSION = 1
 PACKAGE_PREFIX = "pkg:"  # model.path "pkg:module/sub/folder": a folder shipped inside an installed package
@@ -39,10 +40,14 @@ class ModelSpec(_Strict):
         "float32", description="dtype the frozen base weights are loaded in."
     )
     trust_remote_code: bool = Field(False, description="Run code shipped with the model folder. Off unless needed.")
+    adapter: str | None = Field(
+        None, description="Continue training this PEFT adapter instead of a fresh LoRA: a folder, "
+                          "models:/NAME@alias or models:/NAME/VERSION. Its LoRA settings replace the lora section.")
 
 
 class DataSpec(_Strict):
-    train: str = Field(description="Training data: .jsonl, .csv, .parquet, or a datasets save_to_disk folder.")
+    train: str | None = Field(None, description="Training data: .jsonl, .csv, .parquet, or a datasets save_to_disk "
+                                                "folder. Required unless retrain.data names snapshots.")
     validation: str | None = None
     test: str | None = None
     text_column: str = "text"
@@ -110,13 +115,26 @@ class TrackingSpec(_Strict):
     run_name: str | None = Field(None, description="Default: the job name. Rerunning a run name resumes it.")
     tags: dict[str, str] = Field(default_factory=dict)
 
+    _plain_uri = field_validator("uri")(classmethod(lambda cls, uri: _no_credentials_in_uri(uri)))
+
+
+def _no_credentials_in_uri(uri: str | None) -> str | None:
+    """A URI with user:password@ would end up in params, logs and the console; MLflow reads credentials from
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN instead."""
+    if uri and re.match(r"^[a-z][a-z0-9+.-]*://[^/@]*@", uri, re.IGNORECASE):
+        raise ValueError("holds credentials (user:password@); remove them and export MLFLOW_TRACKING_USERNAME and "
+                         "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead")
+    return uri
+
 
 class RegistrySpec(_Strict):
     name: str | None = Field(
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",
         description="Registered model name in the MLflow model registry. Default: the job name.")
     challenger_alias: str = Field("challenger", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$",
-                                  description="Alias a search gives its best trial's version.")
+                                  description="Alias a search or retrain gives its newest candidate version.")
+    champion_alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$",
+                                description="Alias of the version in production; retrain moves it past the gate.")
 
 
 class Dimension(_Strict):
@@ -182,6 +200,49 @@ class TuneSpec(_Strict):
         return self.mode or TUNE_METRICS[self.metric]
 
 
+class SnapshotSpec(_Strict):
+    """Where retrain finds its data: the newest folder under ``root`` whose name matches ``pattern``."""
+
+    root: str = Field(description="Folder holding one sub-folder per data snapshot.")
+    pattern: str = Field("[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]*",
+                         description="Glob for snapshot folder names; the greatest name is the newest "
+                                     "(ISO dates sort right).")
+    snapshot: str | None = Field(None, description="Pin one snapshot by folder name (a backfill); default newest.")
+    train: str = Field("train.jsonl", description="File names inside a snapshot folder.")
+    validation: str | None = "validation.jsonl"
+    test: str | None = Field("test.jsonl", description="The held-out set champion and challenger are compared on; "
+                                                       "without it, the validation file.")
+
+    @field_validator("snapshot", mode="before")
+    @classmethod
+    def _date_as_name(cls, value: Any) -> Any:
+        """YAML reads ``2026-10-01`` as a date; the folder name is meant."""
+        return str(value) if isinstance(value, (datetime.date, int, float)) else value
+
+
+GATE_METRICS = {"accuracy": "max", "macro_f1": "max", "loss": "min"}
+
+
+class RetrainSpec(_Strict):
+    """``orchestrator retrain``: train a challenger on the newest snapshot, promote it past a gate."""
+
+    data: SnapshotSpec
+    challenger: Literal["train", "search"] = Field(
+        "train", description="train: one training run; search: the job's tune section (best finished trial).")
+    metric: Literal["accuracy", "macro_f1", "loss"] = Field(
+        "accuracy", description="Compared on the held-out set; accuracy/macro_f1 higher is better, loss lower.")
+    margin: float = Field(0.005, ge=0, description="The challenger must beat the champion by at least this much "
+                                                   "(absolute, in the metric's units).")
+    minimum: float | None = Field(None, description="With no champion yet, the first one must reach this value.")
+    lock_timeout_s: float = Field(600.0, gt=0, description="A promotion lock older than this is taken as stale "
+                                                          "(its holder died) and broken.")
+
+    def better(self, challenger: float, champion: float) -> bool:
+        if GATE_METRICS[self.metric] == "max":
+            return challenger >= champion + self.margin
+        return challenger <= champion - self.margin
+
+
 class JobSpec(_Strict):
     """A whole job. Build it with :func:`load_spec`, not by hand, so paths are resolved."""
 
@@ -197,6 +258,7 @@ class JobSpec(_Strict):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     registry: RegistrySpec = Field(default_factory=RegistrySpec)
     tune: TuneSpec | None = Field(None, description="A hyperparameter search (orchestrator tune).")
+    retrain: RetrainSpec | None = Field(None, description="Scheduled retraining with a promotion gate.")
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> JobSpec:
@@ -207,7 +269,9 @@ class JobSpec(_Strict):
              "set exactly one of train.epochs and train.max_steps"),
             (self.data.validation is not None and self.data.validation_split is not None, "data.validation_split",
              "give either data.validation or data.validation_split, not both"),
-            (self.data.validation is None and self.data.validation_split is None, "data.validation",
+            (self.data.train is None and self.retrain is None, "data.train", "required, not given"),
+            (self.data.validation is None and self.data.validation_split is None and self.retrain is None,
+             "data.validation",
              "evaluation needs data: set data.validation to a file, or data.validation_split to a fraction"),
             (self.deepspeed.offload_params and self.deepspeed.zero_stage != 3, "deepspeed.offload_params",
              "parameter offload needs deepspeed.zero_stage: 3"),
@@ -230,6 +294,9 @@ class JobSpec(_Strict):
                  "train.checkpoint_every_steps", "in a search, checkpoint at evaluation steps (a multiple of "
                  "train.eval_every_steps) so every report to the scheduler carries the metric"),
             ]
+        if self.retrain:
+            rules.append((self.retrain.challenger == "search" and self.tune is None, "retrain.challenger",
+                          "search needs a tune section in the job; use challenger: train"))
         for broken, field, message in rules:
             if broken:
                 raise ValueError(f"@{field}: {message}")
@@ -307,6 +374,8 @@ def _describe(error: dict[str, Any]) -> str:
         field, _, message = message[len("Value error, @"):].partition(": ")
         return f"{field}: {message}"
     where = ".".join(location) or "(top level)"
+    if location and location[-1] == "uri":
+        return f"{where}: {message.removeprefix('Value error, ')}"  # never echo a URI: it may hold a password
     if error["type"] == "extra_forbidden":
         known = _fields_at(location[:-1])
         close = difflib.get_close_matches(location[-1], known, n=1, cutoff=0.6)
@@ -344,9 +413,17 @@ def _resolve_paths(spec: JobSpec) -> JobSpec:
     if Path(model_path).expanduser().exists() or model_path.startswith((".", "/", "~")):
         model_path = _absolute(model_path)
     data = spec.data.model_copy(update={k: _absolute(getattr(spec.data, k)) for k in ("train", "validation", "test")})
+    adapter = spec.model.adapter
+    if adapter and not adapter.startswith("models:/"):
+        adapter = _absolute(adapter)
+    retrain = spec.retrain
+    if retrain:
+        retrain = retrain.model_copy(update={"data": retrain.data.model_copy(update={
+            "root": _absolute(retrain.data.root)})})
     return spec.model_copy(update={
         "output_dir": _absolute(spec.output_dir),
-        "model": spec.model.model_copy(update={"path": model_path}),
+        "model": spec.model.model_copy(update={"path": model_path, "adapter": adapter}),
+        "retrain": retrain,
         "data": data,
         "deepspeed": spec.deepspeed.model_copy(update={"config": _absolute(spec.deepspeed.config)}),
     })

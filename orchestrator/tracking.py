@@ -1,6 +1,7 @@
 """Metric sinks (MLflow on rank 0, a null sink elsewhere) and the driver's handling of the job's MLflow run.
 
-This is the only module that calls MLflow. Credentials are never passed around: MLflow reads them from the
+With :mod:`orchestrator.registry` (model versions and aliases), the only modules that call MLflow.
+Credentials are never passed around: MLflow reads them from the
 environment (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN).
 """
 
@@ -73,7 +74,7 @@ def _is_embedded(uri: str) -> bool:
 
 
 @contextmanager
-def _fail_fast():
+def fail_fast():
     """MLflow retries HTTP calls for minutes by default; a preflight probe should answer in seconds."""
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
@@ -106,7 +107,7 @@ def check_reachable(spec: JobSpec) -> str:
     uri = tracking_uri(spec)
     if _is_embedded(uri):
         return uri  # created on first use under output_dir
-    with _fail_fast():
+    with fail_fast():
         try:
             MlflowClient(uri).search_experiments(max_results=1)
         except Exception as error:  # MlflowException, requests' ConnectionError, ...
@@ -237,27 +238,19 @@ def log_study_summary(uri: str, parent_run_id: str, folder: str, metrics: dict[s
     client.log_artifacts(parent_run_id, folder, "study")
 
 
-def register_adapter(uri: str, name: str, run_id: str, alias: str, tags: dict[str, str]) -> str:
-    """Registers ``runs:/run_id/adapter`` as a new version of ``name`` and points ``alias`` at it.
-
-    Idempotent for a study: if a version from the same run already exists, it is reused (a resumed or rerun
-    study registers nothing twice). Returns the version number.
-    """
+def log_decision_run(uri: str, spec: JobSpec, run_name: str, params: dict[str, str], metrics: dict[str, float],
+                     tags: dict[str, str]) -> str:
+    """One finished run per retrain decision: the gate's inputs as params, both metrics, the outcome as tags."""
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    from mlflow.entities import Metric, Param, RunTag
 
-    client = MlflowClient(uri, registry_uri=uri)
-    try:
-        client.create_registered_model(name, tags={"orchestrator.base_model": tags.get("base_model", "")})
-    except MlflowException as error:
-        if "RESOURCE_ALREADY_EXISTS" not in str(error.error_code):
-            raise
-    existing = [v for v in client.search_model_versions(f"name = '{name}'") if v.run_id == run_id]
-    if existing:
-        version = existing[0].version
-    else:
-        source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{ADAPTER_ARTIFACT}"
-        version = client.create_model_version(name, source, run_id=run_id, tags=tags).version
-    client.set_registered_model_alias(name, alias, version)
-    return str(version)
-
+    client, now = MlflowClient(uri), int(time.time() * 1000)
+    experiment = client.get_experiment_by_name(spec.tracking.experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(spec.tracking.experiment)
+    run = client.create_run(experiment_id, run_name=run_name,
+                            tags={**spec.tracking.tags, "orchestrator.job": spec.name, "mlflow.source.type": "JOB"})
+    client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                     params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+                     tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+    client.set_terminated(run.info.run_id, status="FINISHED")
+    return run.info.run_id

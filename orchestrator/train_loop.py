@@ -53,6 +53,8 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
             optimizer, lambda step: lr_multiplier(step, plan.total_steps, plan.warmup_steps, spec.train.scheduler)),
         dist_init_required=False,
     )
+    nodes: list[str | None] = [None] * ctx.world_size
+    dist.all_gather_object(nodes, ctx.node_id)  # where each rank runs, recorded on the run
     start_step = 0
     with ctx.restore() as checkpoint:
         if checkpoint:
@@ -63,6 +65,7 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
                      "trainable_percent": round(100 * trainable / total, 4),
                      "global_batch_size": plan.global_batch_size, "total_steps": plan.total_steps,
                      "world_size": ctx.world_size})
+    sink.set_tags({"orchestrator.worker_nodes": json.dumps(nodes)})
     if start_step:
         sink.set_tags({"orchestrator.resumed_from_step": str(start_step)})
     ctx.progress({"event": "start", "step": start_step, "total": plan.total_steps, "trainable": trainable,

@@ -30,6 +30,7 @@ def train(spec: JobSpec, verbose: bool = False, console: TrainingConsole | None 
 
     checked = preflight(spec)
     tracking.check_reachable(spec)
+    spec = with_local_adapter(spec, checked.data.label_names)
     launcher.connect(verbose)
     launcher.check_placement(spec)
     uri, run_id = tracking.start_run(spec, data_inputs(checked.data))
@@ -45,6 +46,20 @@ def train(spec: JobSpec, verbose: bool = False, console: TrainingConsole | None 
     finally:
         tracking.end_run(uri, run_id, status)
     return TrainResult(str(Path(spec.output_dir, ADAPTER_DIR)), uri, run_id, metrics)
+
+
+def with_local_adapter(spec: JobSpec, label_names: list[str]) -> JobSpec:
+    """The spec with ``model.adapter`` as a local folder: a registry URI (models:/NAME@alias) is downloaded
+    once into ``output_dir/start_adapter`` by the driver, so every worker reads the same files."""
+    if not spec.model.adapter:
+        return spec
+    from orchestrator import registry, tracking
+    from orchestrator.modeling import check_adapter_labels
+
+    folder = registry.resolve_adapter(spec.model.adapter, tracking.tracking_uri(spec),
+                                      str(Path(spec.output_dir, "start_adapter")))
+    check_adapter_labels(folder, label_names)
+    return spec.model_copy(update={"model": spec.model.model_copy(update={"adapter": folder})})
 
 
 def data_inputs(data) -> list[tuple]:

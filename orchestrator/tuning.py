@@ -27,7 +27,7 @@ from orchestrator.search import (
     trials_that_fit,
 )
 from orchestrator.spec import JobSpec, SpecError
-from orchestrator.training import data_inputs
+from orchestrator.training import data_inputs, with_local_adapter
 
 SUMMARY_DIR = "summary"
 
@@ -72,6 +72,7 @@ def tune(spec: JobSpec, resume: bool = False, verbose: bool = False, console: St
                 check_target_modules(spec.lora.model_copy(update={"target_modules": value}), names)
     tune_launcher.check_search_algorithm(spec)
     tracking.check_reachable(spec)
+    spec = with_local_adapter(spec, checked.data.label_names)
     exists = tune_launcher.study_exists(spec)
     if exists and not resume:
         raise SpecError(f"output_dir: a study already exists in {tune_launcher.study_path(spec)}; pass --resume to "
@@ -139,9 +140,14 @@ def tune(spec: JobSpec, resume: bool = False, verbose: bool = False, console: St
         files = _write_summary(folder, outcomes, spec, best, advice, running)
         registered = None
         if spec.tune.register_best:
-            version = tracking.register_adapter(uri, spec.registered_model_name(), best.run_id,
-                                                spec.registry.challenger_alias, _version_tags(spec, best, parent))
-            registered = (spec.registered_model_name(), version)
+            from orchestrator import registry
+
+            client, name = registry.connect(uri), spec.registered_model_name()
+            version = registry.register_adapter(client, name, best.run_id, _version_tags(spec, best, parent))
+            with registry.promotion_lock(client, name):
+                registry.move_alias(client, name, spec.registry.challenger_alias, version,
+                                    f"best trial {best.trial_id} of study {spec.name}")
+            registered = (name, version)
         best_value = best.history[-1][metric]
         tracking.log_study_summary(uri, parent, str(folder), {f"best_{metric}": best_value,
                                                               "trials": len(outcomes),

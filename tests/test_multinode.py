@@ -1,0 +1,87 @@
+"""A real two-node Ray cluster (two raylets, started by cluster/local_cluster.sh with token auth on) reached only
+through its job API by ``orchestrator submit``: a 2-worker training job places one worker on each node."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import tiny_job, write_job
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    state = tmp_path_factory.mktemp("two-nodes")
+    gcs, dashboard = free_port(), free_port()
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "RAY_CLUSTER_DIR": str(state), "RAY_GCS_PORT": str(gcs), "RAY_DASHBOARD_PORT": str(dashboard),
+           "RAY": str(bin_dir / "ray"), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    script = str(REPO / "cluster" / "local_cluster.sh")
+    started = subprocess.run(["bash", script, "start", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert started.returncode == 0, started.stdout + started.stderr
+    client_env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(state / "auth_token")}
+    client_env.pop("RAY_ADDRESS", None)
+    yield {"address": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{gcs}", "env": client_env}
+    subprocess.run(["bash", script, "stop"], env=env, capture_output=True, timeout=120)
+
+
+def submit(two_nodes, folder: Path, *argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator", "submit", *argv], cwd=folder,
+                          env=env or two_nodes["env"], capture_output=True, text=True, timeout=600)
+
+
+def test_submit_trains_with_one_worker_on_each_node(two_nodes, tmp_path, tiny_model, tiny_data, mlflow_server):
+    from mlflow import MlflowClient
+
+    job = tiny_job(tmp_path, tiny_model, tiny_data, tracking={"uri": mlflow_server, "experiment": "two-nodes"},
+                   scaling={"num_workers": 2, "placement_strategy": "STRICT_SPREAD"}, train={"epochs": 1})
+    write_job(tmp_path / "job.yaml", job)
+    done = submit(two_nodes, tmp_path, "job.yaml", "--address", two_nodes["address"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "submitted raysubmit_" in done.stdout and "adapter:" in done.stdout  # the remote driver's own lines
+    client = MlflowClient(mlflow_server)
+    run = client.search_runs([client.get_experiment_by_name("two-nodes").experiment_id])[0]
+    nodes = json.loads(run.data.tags["orchestrator.worker_nodes"])
+    assert len(nodes) == 2 and nodes[0] != nodes[1] and run.info.status == "FINISHED"
+
+
+def test_submit_exits_with_the_remote_commands_code(two_nodes, tmp_path, tiny_model, tiny_data):
+    job = tiny_job(tmp_path, tiny_model, tiny_data)
+    job["data"]["train"] = "missing/train.jsonl"  # valid YAML, but the data is not there: the remote preflight says so
+    write_job(tmp_path / "job.yaml", job)
+    done = submit(two_nodes, tmp_path, "job.yaml", "--address", two_nodes["address"], "--command", "validate")
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "data.train" in done.stdout and "does not exist" in done.stdout
+
+
+def test_submit_refuses_bad_input_before_uploading(two_nodes, tmp_path, tiny_model, tiny_data):
+    write_job(tmp_path / "job.yaml", tiny_job(tmp_path, tiny_model, tiny_data, lora={"rank": 4}))
+    done = submit(two_nodes, tmp_path, "job.yaml", "--address", two_nodes["address"])
+    assert done.returncode == 2 and "lora.rank: unknown key" in done.stderr and "submitted" not in done.stdout
+    write_job(tmp_path / "relative.yaml", {**tiny_job(tmp_path, tiny_model, tiny_data), "output_dir": "runs/x"})
+    done = submit(two_nodes, tmp_path, "relative.yaml", "--address", two_nodes["address"])
+    assert done.returncode == 2 and "output_dir: 'runs/x' is relative" in done.stderr
+    write_job(tmp_path / "ok.yaml", tiny_job(tmp_path, tiny_model, tiny_data))
+    started = time.monotonic()
+    done = submit(two_nodes, tmp_path, "ok.yaml", "--address", f"http://127.0.0.1:{free_port()}")
+    assert done.returncode == 2 and "cannot reach the Ray job API" in done.stderr
+    assert time.monotonic() - started < 60
+    no_token = {k: v for k, v in two_nodes["env"].items() if not k.startswith("RAY_AUTH")}
+    no_token.update(HOME=str(tmp_path), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="not-the-token")
+    done = submit(two_nodes, tmp_path, "ok.yaml", "--address", two_nodes["address"], env=no_token)
+    assert done.returncode == 2 and "token" in done.stderr.lower(), done.stderr[-2000:]
