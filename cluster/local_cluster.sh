@@ -64,12 +64,13 @@ wait_for() {
 }
 
 stop() {
+  # The second node first: it drains in seconds while the head (GCS) is up; the head alone then stops in ~4 s.
   for role in worker head; do
     local pid_file="$DIR/$role.pid"
     [[ -f "$pid_file" ]] || continue
     local pid; pid=$(cat "$pid_file")
     kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    for _ in $(seq 1 90); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
     kill -KILL "$pid" 2>/dev/null || true
     rm -f "$pid_file"
   done

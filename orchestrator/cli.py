@@ -32,14 +32,16 @@ def _validate(args) -> int:
     from orchestrator.spec import load_spec
 
     spec = load_spec(args.job, args.overrides)
+    notes = []
     if spec.retrain:
         from orchestrator.promotion import resolve_snapshot, snapshot_job
         from orchestrator.tracking import tracking_uri
 
         snapshot = resolve_snapshot(spec.retrain.data)
-        print(f"  retrain: snapshot {snapshot.name} (sha256 {snapshot.digest[:12]}), gate on {spec.retrain.metric} "
-              f"(margin {spec.retrain.margin:g}), challenger by {spec.retrain.challenger}, model "
-              f"{spec.registered_model_name()}@{spec.registry.champion_alias}")
+        rule = spec.retrain
+        notes.append(f"  retrain: snapshot {snapshot.name} (sha256 {snapshot.digest[:12]}), gate on {rule.metric} "
+                     f"(margin {rule.margin:g}), challenger by {rule.challenger}, model "
+                     f"{spec.registered_model_name()}@{spec.registry.champion_alias}")
         spec = snapshot_job(spec, snapshot, tracking_uri(spec))
     checked = preflight(spec)
     data, plan = checked.data, checked.plan
@@ -50,6 +52,8 @@ def _validate(args) -> int:
     print(f"  plan: {spec.scaling.num_workers} workers x {plan.micro_batch_size} x {plan.gradient_accumulation_steps}"
           f" accumulation = global batch {plan.global_batch_size}; {plan.total_steps} steps "
           f"({plan.steps_per_epoch:g} per epoch), eval every {plan.eval_every_steps}")
+    for note in notes:
+        print(note)
     if spec.tune:
         from orchestrator.search import num_trials
 

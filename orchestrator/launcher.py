@@ -80,12 +80,17 @@ def connect(verbose: bool = False) -> None:
     # stopped run's placement group (without it, an early-stopped trial's CPUs stay reserved and the search stalls).
     local = {} if address else {"include_dashboard": True, "dashboard_host": "127.0.0.1",
                                 "_node_ip_address": "127.0.0.1"}
+    here = os.getcwd()
     ray.init(
         address=address,
         **local,
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.ERROR,
     )
+    if os.path.isdir(here):
+        # Inside a Ray job (orchestrator submit), ray.init re-extracts a freshly uploaded working_dir: the path
+        # stays, but this process's cwd is left on the deleted copy and os.getcwd() fails (measured on Ray 2.60).
+        os.chdir(here)
 
 
 def cluster_nodes() -> list[dict[str, float]]:
