@@ -15,6 +15,8 @@ import pytest
 
 from tests.tiny import tiny_job, write_job
 
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parents[1]
 
 

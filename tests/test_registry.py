@@ -18,6 +18,8 @@ import pytest
 from orchestrator.cli import main
 from tests.tiny import tiny_job, write_job, write_tiny_data
 
+pytestmark = pytest.mark.integration
+
 MODEL = "tiny-intents"
 SNAPSHOTS = {"2026-01-01": 96, "2026-02-01": 128, "2026-03-01": 160, "2026-04-01": 176, "2026-05-01": 192}
 SECRET = "pw-do-not-log-7731"
