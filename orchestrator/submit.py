@@ -14,6 +14,7 @@ import asyncio
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -22,6 +23,7 @@ from orchestrator.spec import SpecError, load_spec
 COMMANDS = ("train", "tune", "retrain", "validate")
 EXCLUDES = [".venv", "venv", ".git", "runs", "mlruns", "mlartifacts", ".ray-local", "**/__pycache__", "*.db",
             ".pytest_cache", ".ruff_cache", "*.egg-info"]
+AGENT_WAIT_S = 60  # how long a freshly started head may take to bring up its job agent
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")  # never credentials
 
 
@@ -55,12 +57,19 @@ def submit(job_file: str, overrides: list[str], address: str, command: str = "tr
         raise SpecError(f"{job_file}: submit uploads the current folder ({here}) as the job's working directory; "
                         "run it from a folder that holds the job file and its data")
     client = _client(address)
-    try:
-        job_id = client.submit_job(entrypoint=entrypoint(command, str(job.relative_to(here)), overrides, extra or []),
-                                   runtime_env=runtime_env(str(here)),
-                                   metadata={"orchestrator.command": command, "orchestrator.job": job.name})
-    except Exception as error:  # package too large, runtime env rejected, auth refused, ...
-        raise SpecError(f"--address {address}: the cluster refused the job: {str(error)[:500]}") from None
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint(command, str(job.relative_to(here)), overrides,
+                                                             extra or []),
+                                       runtime_env=runtime_env(str(here)),
+                                       metadata={"orchestrator.command": command, "orchestrator.job": job.name})
+            break
+        except Exception as error:  # package too large, runtime env rejected, auth refused, ...
+            if "No available agent" in str(error) and time.monotonic() < deadline:
+                time.sleep(2)  # a cluster that just started: its job agents are not up yet
+                continue
+            raise SpecError(f"--address {address}: the cluster refused the job: {str(error)[:500]}") from None
     print(f"submitted {job_id} to {address}: orchestrator {command} {job.relative_to(here)}", flush=True)
     if not wait:
         print(f"follow it with: ray job logs --address {address} --follow {job_id}")

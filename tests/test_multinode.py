@@ -68,7 +68,7 @@ def test_submit_exits_with_the_remote_commands_code(two_nodes, tmp_path, tiny_mo
     write_job(tmp_path / "job.yaml", job)
     done = submit(two_nodes, tmp_path, "job.yaml", "--address", two_nodes["address"], "--command", "validate")
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "data.train" in done.stdout and "does not exist" in done.stdout
+    assert "submitted raysubmit_" in done.stdout and "data.train" in done.stdout and "does not exist" in done.stdout
 
 
 def test_submit_refuses_bad_input_before_uploading(two_nodes, tmp_path, tiny_model, tiny_data):
