@@ -29,12 +29,15 @@ start() {
   [[ -s "$DIR/auth_token" ]] || (umask 077; python3 -c 'import secrets; print(secrets.token_hex(32))' > "$DIR/auth_token")
   export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$DIR/auth_token"
   local common=(--node-ip-address 127.0.0.1 --num-cpus "$cpus" --disable-usage-stats --block)
+  # Every agent port free and distinct, so this cluster can run beside another Ray on the machine (whose
+  # defaults, e.g. the dashboard agent's 52365, it would otherwise collide with and never get a job agent).
   # --block keeps each raylet's supervisor in the foreground of its own process: stop kills exactly these.
   "$RAY" start --head --port "$GCS_PORT" --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" \
-    --temp-dir "$TMP_DIR" --resources '{"node_head": 1}' "${common[@]}" > "$DIR/head.log" 2>&1 &
+    --temp-dir "$TMP_DIR" --resources '{"node_head": 1}' --ray-client-server-port "$(free_port)" \
+    $(agent_ports) "${common[@]}" > "$DIR/head.log" 2>&1 &
   echo $! > "$DIR/head.pid"
   wait_for "head" "$RAY status --address 127.0.0.1:$GCS_PORT"
-  "$RAY" start --address "127.0.0.1:$GCS_PORT" --resources '{"node_worker": 1}' "${common[@]}" \
+  "$RAY" start --address "127.0.0.1:$GCS_PORT" --resources '{"node_worker": 1}' $(agent_ports) "${common[@]}" \
     > "$DIR/worker.log" 2>&1 &
   echo $! > "$DIR/worker.pid"
   wait_for "second node" "nodes_alive 2"
@@ -44,6 +47,15 @@ two-node Ray cluster up ($cpus CPU per node)
   job API:   http://127.0.0.1:$DASHBOARD_PORT  (orchestrator submit --address ...)
   token:     export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$DIR/auth_token
 INFO
+}
+
+free_port() {
+  "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+agent_ports() {
+  echo "--dashboard-agent-listen-port $(free_port) --dashboard-agent-grpc-port $(free_port)" \
+       "--metrics-export-port $(free_port) --runtime-env-agent-port $(free_port)"
 }
 
 nodes_alive() {
