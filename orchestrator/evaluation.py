@@ -4,20 +4,10 @@ challenger with, on the same held-out rows, with the same code.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from orchestrator.data import Split
 from orchestrator.metrics import classification_metrics
-from orchestrator.modeling import resolve_model_path
+from orchestrator.modeling import LABELS_FILE, adapter_labels, resolve_model_path
 from orchestrator.spec import SpecError
-
-
-def adapter_labels(folder: str) -> list[str]:
-    labels = Path(folder, "labels.json")
-    if not labels.is_file():
-        raise SpecError(f"{folder}: no labels.json; it is not an adapter this project trained")
-    return json.loads(labels.read_text())
 
 
 def evaluate_adapter(folder: str, base_model: str, split: Split, label_names: list[str],
@@ -34,6 +24,8 @@ def evaluate_adapter(folder: str, base_model: str, split: Split, label_names: li
 
     hf_logging.disable_progress_bar()
     own = adapter_labels(folder)
+    if own is None:
+        raise SpecError(f"{folder}: no {LABELS_FILE}; it is not an adapter this project trained")
     base = AutoModelForSequenceClassification.from_pretrained(
         resolve_model_path(base_model), num_labels=len(own), id2label=dict(enumerate(own)),
         label2id={n: i for i, n in enumerate(own)}, use_safetensors=True, ignore_mismatched_sizes=True)

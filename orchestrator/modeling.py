@@ -7,6 +7,7 @@ from pathlib import Path
 
 from orchestrator.spec import PACKAGE_PREFIX, JobSpec, LoraSpec, SpecError
 
+LABELS_FILE = "labels.json"  # saved beside every adapter: the label names, in the head's order
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
@@ -125,15 +126,20 @@ def build_peft_model(spec: JobSpec, label_names: list[str]):
     return get_peft_model(base, lora_config(spec.lora))
 
 
-def check_adapter_labels(folder: str, label_names: list[str]) -> None:
-    """A starting adapter's classification head only fits data with the same labels in the same order."""
+def adapter_labels(folder: str) -> list[str] | None:
+    """The label names an adapter this project trained was saved with (None for an adapter from elsewhere)."""
     import json
 
-    labels_file = Path(folder, "labels.json")
+    labels_file = Path(folder, LABELS_FILE)
+    return json.loads(labels_file.read_text()) if labels_file.is_file() else None
+
+
+def check_adapter_labels(folder: str, label_names: list[str]) -> None:
+    """A starting adapter's classification head only fits data with the same labels in the same order."""
     if not Path(folder, "adapter_config.json").is_file():
         raise SpecError(f"model.adapter: {folder} is not a PEFT adapter folder (no adapter_config.json)")
-    if labels_file.is_file() and json.loads(labels_file.read_text()) != label_names:
-        theirs = json.loads(labels_file.read_text())
+    theirs = adapter_labels(folder)
+    if theirs is not None and theirs != label_names:
         raise SpecError(f"model.adapter: the adapter was trained on labels {theirs[:6]}... ({len(theirs)}), the data "
                         f"has {label_names[:6]}... ({len(label_names)}); continue from an adapter with the same labels "
                         "or drop model.adapter to train a fresh one")

@@ -209,16 +209,15 @@ def list_versions(client, name: str | None = None, limit: int = 10) -> list[dict
         for alias, version in aliases_of(model).items():
             by_version.setdefault(version, []).append(alias)
         for version in sorted(versions(client, model_name), key=lambda v: -int(v.version))[:limit]:
-            metric = key_metric(version, _run(client, version.run_id) if not (version.tags or {}).get(
-                "orchestrator.metric") else None)
+            tags = version.tags or {}
+            run = None if "orchestrator.metric" in tags else _run(client, version.run_id)  # tags suffice
+            metric = key_metric(version, run)
             rows.append({"model": model_name, "version": str(version.version),
                          "aliases": sorted(by_version.get(str(version.version), [])),
-                         "base_model": (version.tags or {}).get("base_model") or (model.tags or {}).get(
-                             "orchestrator.base_model", ""),
+                         "base_model": tags.get("base_model") or (model.tags or {}).get("orchestrator.base_model", ""),
                          "metric": f"{metric[0]} {metric[1]:.4f}" if metric else "",
                          "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(version.creation_timestamp / 1000)),
-                         "source": (version.tags or {}).get("orchestrator.snapshot") or
-                         (version.tags or {}).get("orchestrator.study", "")})
+                         "source": tags.get("orchestrator.snapshot") or tags.get("orchestrator.study", "")})
     return rows
 
 
@@ -270,7 +269,7 @@ def pull(client, ref: Ref, dest: str) -> tuple[str, str]:
     try:
         uri = client.get_model_version_download_uri(ref.name, version.version)
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(staging),
-                                                          tracking_uri=client._tracking_client.tracking_uri))
+                                                          tracking_uri=client.tracking_uri))
         if not (folder / "adapter_config.json").is_file():
             raise RegistryError(f"{ref} (version {version.version}) is not a PEFT adapter: no adapter_config.json "
                                 f"in {uri}")

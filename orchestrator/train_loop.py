@@ -17,7 +17,13 @@ import yaml
 
 from orchestrator.data import load_task_data
 from orchestrator.metrics import classification_metrics
-from orchestrator.modeling import build_peft_model, parameter_counts, read_deepspeed_json, resolve_model_path
+from orchestrator.modeling import (
+    LABELS_FILE,
+    build_peft_model,
+    parameter_counts,
+    read_deepspeed_json,
+    resolve_model_path,
+)
 from orchestrator.planning import deepspeed_config, eval_shard, lr_multiplier, micro_batch_indices, plan_batches
 from orchestrator.session import WorkerContext
 from orchestrator.spec import JobSpec
@@ -205,7 +211,7 @@ def save_adapter(engine, spec: JobSpec, tokenizer, label_names: list[str], rank:
     partial = Path(tempfile.mkdtemp(prefix=".adapter-", dir=spec.output_dir))
     model.save_pretrained(partial, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(partial)
-    (partial / "labels.json").write_text(json.dumps(label_names, indent=1))
+    (partial / LABELS_FILE).write_text(json.dumps(label_names, indent=1))
     (partial / "orchestrator_job.yaml").write_text(yaml.safe_dump(spec.model_dump(), sort_keys=False))
     _check_adapter(partial)
     if target.exists():
