@@ -56,13 +56,14 @@ def submit(job_file: str, overrides: list[str], address: str, command: str = "tr
     if not job.is_relative_to(here):
         raise SpecError(f"{job_file}: submit uploads the current folder ({here}) as the job's working directory; "
                         "run it from a folder that holds the job file and its data")
+    environment = runtime_env(str(here))  # refuses credentials before the cluster is contacted
     client = _client(address)
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
             job_id = client.submit_job(entrypoint=entrypoint(command, str(job.relative_to(here)), overrides,
                                                              extra or []),
-                                       runtime_env=runtime_env(str(here)),
+                                       runtime_env=environment,
                                        metadata={"orchestrator.command": command, "orchestrator.job": job.name})
             break
         except Exception as error:  # package too large, runtime env rejected, auth refused, ...

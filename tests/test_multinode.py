@@ -79,6 +79,10 @@ def test_submit_refuses_bad_input_before_uploading(two_nodes, tmp_path, tiny_mod
     done = submit(two_nodes, tmp_path, "relative.yaml", "--address", two_nodes["address"])
     assert done.returncode == 2 and "output_dir: 'runs/x' is relative" in done.stderr
     write_job(tmp_path / "ok.yaml", tiny_job(tmp_path, tiny_model, tiny_data))
+    leaky = {**two_nodes["env"], "MLFLOW_TRACKING_URI": "http://alice:s3cret@127.0.0.1:5000"}
+    done = submit(two_nodes, tmp_path, "ok.yaml", "--address", two_nodes["address"], env=leaky)
+    assert done.returncode == 2 and "MLFLOW_TRACKING_URI holds credentials" in done.stderr
+    assert "submitted" not in done.stdout and "s3cret" not in done.stdout + done.stderr
     started = time.monotonic()
     done = submit(two_nodes, tmp_path, "ok.yaml", "--address", f"http://127.0.0.1:{free_port()}")
     assert done.returncode == 2 and "cannot reach the Ray job API" in done.stderr
