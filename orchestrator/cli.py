@@ -46,12 +46,20 @@ def _validate(args) -> int:
     checked = preflight(spec)
     data, plan = checked.data, checked.plan
     print(f"{args.job}: valid (spec version {spec.version})")
-    print(f"  data: {len(data.train.texts)} train / {len(data.validation.texts)} validation"
-          f"{f' / {len(data.test.texts)} test' if data.test else ''} examples, {len(data.label_names)} labels")
+    kind = f"{len(data.label_names)} labels" if data.label_names else f"format {data.format}, loss on " \
+        f"{spec.data.train_on} tokens" + (f", packed into {checked.train_rows} rows" if spec.data.packing else "")
+    print(f"  data: {len(data.train)} train / {len(data.validation)} validation"
+          f"{f' / {len(data.test)} test' if data.test else ''} examples, {kind}")
+    for split, count in checked.dropped.items():
+        print(f"  warning: {count} {split} examples keep no trained token at data.max_length "
+              f"{spec.data.max_length} and are skipped")
     print(f"  model: {spec.model.path} ({checked.total_params:,} parameters, {checked.linear_modules} linear layers)")
     print(f"  plan: {spec.scaling.num_workers} workers x {plan.micro_batch_size} x {plan.gradient_accumulation_steps}"
           f" accumulation = global batch {plan.global_batch_size}; {plan.total_steps} steps "
           f"({plan.steps_per_epoch:g} per epoch), eval every {plan.eval_every_steps}")
+    if checked.example:
+        print("  first training example, trained tokens in [[ ]]:")
+        print("    " + checked.example.replace("\n", "\n    "))
     for note in notes:
         print(note)
     if spec.tune:

@@ -15,7 +15,7 @@ class TrainingConsole:
         self.console = console or Console(stderr=True)
         self._progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("eval acc {task.fields[accuracy]}"),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("eval {task.fields[accuracy]}"),
             TextColumn("{task.fields[rate]} samples/s"), TimeElapsedColumn(), TextColumn("ETA"),
             TimeRemainingColumn(), console=self.console, transient=False,
         )
@@ -46,10 +46,18 @@ class TrainingConsole:
         elif kind == "step":
             self._progress.update(self._task, completed=event["step"], loss=f"{event['train_loss']:.4f}",
                                   rate=f"{event['samples_per_s']:.0f}")
-        elif kind == "eval":
-            self._progress.update(self._task, completed=event["step"], accuracy=f"{event['eval_accuracy']:.3f}")
+        elif kind == "eval" and "eval_accuracy" in event:
+            self._progress.update(self._task, completed=event["step"], accuracy=f"acc {event['eval_accuracy']:.3f}")
             self.console.print(f"step {event['step']}/{event['total']}: eval loss {event['eval_loss']:.4f}  "
                                f"accuracy {event['eval_accuracy']:.4f}  macro-F1 {event['eval_macro_f1']:.4f}")
+        elif kind == "eval":  # a causal LM
+            self._progress.update(self._task, completed=event["step"], accuracy=f"ppl {event['eval_perplexity']:.2f}")
+            self.console.print(f"step {event['step']}/{event['total']}: eval loss {event['eval_loss']:.4f}  "
+                               f"perplexity {event['eval_perplexity']:.3f}")
+        elif kind == "samples":
+            for prompt, completion in event["samples"]:
+                shown = prompt.replace("\n", " ")[-60:]
+                self.console.print(f"  sample: …{shown!s} -> {completion.strip()[:160]!r}", markup=False)
 
 
 class StudyConsole:

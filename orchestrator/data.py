@@ -23,6 +23,9 @@ class Split:
     labels: list[int]
     digest: str  # sha256 of the source's bytes (or of the texts and labels, for a carved-out split)
 
+    def __len__(self) -> int:
+        return len(self.texts)
+
 
 @dataclass(frozen=True)
 class TaskData:

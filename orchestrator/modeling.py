@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
-from orchestrator.spec import PACKAGE_PREFIX, JobSpec, LoraSpec, SpecError
+from orchestrator.spec import PACKAGE_PREFIX, JobSpec, LoraSpec, ModelSpec, SpecError
 
 LABELS_FILE = "labels.json"  # saved beside every adapter: the label names, in the head's order
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -27,9 +31,64 @@ def resolve_model_path(path: str) -> str:
             return path  # a hub id: transformers fetches it where the cluster has internet
     if not folder.is_dir():
         raise SpecError(f"model.path: {folder} is not a folder; point it at a Hugging Face model folder")
-    if not (folder / "config.json").is_file():
+    if not (folder / "config.json").is_file() and not any(folder.glob("*.gguf")):
         raise SpecError(f"model.path: {folder} has no config.json; it must be a Hugging Face model folder")
     return str(folder)
+
+
+def model_folder(model: ModelSpec) -> str:
+    """The plain Hugging Face folder the base loads from: ``model.path`` resolved, or, with ``model.gguf_file``,
+    that GGUF file dequantized once per machine into the cache (transformers dequantizes GGUF to fp32 on every
+    load, 25 s for SmolLM2-135M on 2 cores; the cached folder loads in a fraction of a second)."""
+    folder = resolve_model_path(model.path)
+    if model.gguf_file is None:
+        if not Path(folder, "config.json").is_file() and Path(folder).exists():
+            found = sorted(p.name for p in Path(folder).glob("*.gguf"))
+            raise SpecError(f"model.path: {folder} has no config.json but holds {', '.join(found)}; "
+                            f"set model.gguf_file: {found[0]}")
+        return folder
+    gguf = Path(folder, model.gguf_file)
+    if not gguf.is_file():
+        found = sorted(p.name for p in Path(folder).glob("*.gguf"))
+        raise SpecError(f"model.gguf_file: {gguf} does not exist; files there: {', '.join(found) or 'no .gguf'}")
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("ORCHESTRATOR_CACHE", Path.home() / ".cache" / "orchestrator"), "gguf",
+                 f"{gguf.stem}-{key}")
+    if not (cache / "config.json").is_file():
+        _dequantize(gguf, cache, model.trust_remote_code)
+    return str(cache)
+
+
+def _dequantize(gguf: Path, target: Path, trust_remote_code: bool) -> None:
+    """Writes the GGUF model as a plain fp32 safetensors folder, atomically (a rename; concurrent converters on
+    one machine each write their own temporary folder and the first rename wins)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                      trust_remote_code=trust_remote_code)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the weights are dequantized; a plain folder must not claim GGUF
+        plain = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        plain.load_state_dict(loaded.state_dict())
+        plain.save_pretrained(partial, safe_serialization=True)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(partial)
+        (partial / "SOURCE").write_text(f"dequantized from {gguf}\n")
+        try:
+            os.rename(partial, target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    except Exception as error:
+        if isinstance(error, OSError) or "gguf" in str(error).lower():
+            raise SpecError(f"model.gguf_file: cannot load {gguf}: {error} (pip install gguf)") from None
+        raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def read_deepspeed_json(path: str | None) -> dict | None:
@@ -49,12 +108,13 @@ def read_deepspeed_json(path: str | None) -> dict | None:
     return config
 
 
-def load_model_config(spec: JobSpec, num_labels: int):
+def load_model_config(spec: JobSpec, num_labels: int | None):
     from transformers import AutoConfig
 
-    folder = resolve_model_path(spec.model.path)
+    folder = model_folder(spec.model)
+    extra = {"num_labels": num_labels} if num_labels else {}
     try:
-        return AutoConfig.from_pretrained(folder, num_labels=num_labels, trust_remote_code=spec.model.trust_remote_code)
+        return AutoConfig.from_pretrained(folder, trust_remote_code=spec.model.trust_remote_code, **extra)
     except Exception as error:  # transformers raises OSError / ValueError / KeyError for unusable folders
         if not Path(folder).exists():
             raise SpecError(f"model.path: '{folder}' is neither a local folder nor a hub model this machine can "
@@ -62,14 +122,23 @@ def load_model_config(spec: JobSpec, num_labels: int):
         raise SpecError(f"model.path: cannot read the model config in {folder}: {error}") from None
 
 
-def linear_module_names(spec: JobSpec, num_labels: int) -> tuple[list[str], int]:
+def _auto_class(task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+
+
+def linear_module_names(spec: JobSpec, num_labels: int | None) -> tuple[list[str], int]:
     """Names of the model's linear layers (built on the meta device: no weights read) and its parameter count."""
     import torch
-    from transformers import AutoModelForSequenceClassification
 
     config = load_model_config(spec, num_labels)
     with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=spec.model.trust_remote_code)
+        try:
+            model = _auto_class(spec.model.task).from_config(config, trust_remote_code=spec.model.trust_remote_code)
+        except ValueError as error:  # e.g. an encoder-only config asked for as a causal LM
+            raise SpecError(f"model.task: {spec.model.task} does not fit {spec.model.path} "
+                            f"({type(config).__name__}): {str(error)[:200]}") from None
     names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
     return names, sum(p.numel() for p in model.parameters())
 
@@ -85,12 +154,13 @@ def check_target_modules(lora: LoraSpec, linear_names: list[str]) -> None:
                             f"its linear layers are named {', '.join(short)} (or use 'all-linear')")
 
 
-def lora_config(lora: LoraSpec):
-    """The ``peft.LoraConfig`` for sequence classification; PEFT adds the classifier head to modules_to_save."""
+def lora_config(lora: LoraSpec, task: str = "sequence_classification"):
+    """The ``peft.LoraConfig``; for sequence classification PEFT adds the classifier head to modules_to_save,
+    for a causal LM 'all-linear' leaves out the output layer (lm_head)."""
     from peft import LoraConfig, TaskType
 
     return LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS,
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -101,13 +171,15 @@ def lora_config(lora: LoraSpec):
     )
 
 
-def build_peft_model(spec: JobSpec, label_names: list[str]):
+def build_peft_model(spec: JobSpec, label_names: list[str] | None):
     """Loads the base (frozen by PEFT), wraps it with LoRA and returns the PEFT model."""
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    folder = resolve_model_path(spec.model.path)
+    folder = model_folder(spec.model)
+    if spec.model.task == "causal_lm":
+        return _causal_peft_model(spec, folder)
     base = AutoModelForSequenceClassification.from_pretrained(
         folder,
         num_labels=len(label_names),
@@ -124,6 +196,34 @@ def build_peft_model(spec: JobSpec, label_names: list[str]):
         check_adapter_labels(spec.model.adapter, label_names)
         return PeftModel.from_pretrained(base, spec.model.adapter, is_trainable=True)
     return get_peft_model(base, lora_config(spec.lora))
+
+
+def _causal_peft_model(spec: JobSpec, folder: str):
+    import torch
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, _DTYPES[spec.model.dtype]),
+                                                trust_remote_code=spec.model.trust_remote_code, use_safetensors=True)
+    base.config.use_cache = False  # training: a KV cache would also turn off packed-sequence attention masks
+    if spec.train.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()  # the frozen embeddings' output must carry grad for checkpointing
+    if spec.model.adapter:
+        check_adapter_task(spec.model.adapter, "CAUSAL_LM")
+        return PeftModel.from_pretrained(base, spec.model.adapter, is_trainable=True)
+    return get_peft_model(base, lora_config(spec.lora, "causal_lm"))
+
+
+def check_adapter_task(folder: str, task_type: str) -> None:
+    import json
+
+    config_file = Path(folder, "adapter_config.json")
+    if not config_file.is_file():
+        raise SpecError(f"model.adapter: {folder} is not a PEFT adapter folder (no adapter_config.json)")
+    theirs = json.loads(config_file.read_text()).get("task_type")
+    if theirs and theirs != task_type:
+        raise SpecError(f"model.adapter: {folder} is a {theirs} adapter; this job needs {task_type}")
 
 
 def adapter_labels(folder: str) -> list[str] | None:

@@ -5,9 +5,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from orchestrator.data import TaskData, load_task_data
 from orchestrator.modeling import (
     check_adapter_labels,
     check_target_modules,
@@ -16,23 +15,39 @@ from orchestrator.modeling import (
 )
 from orchestrator.planning import BatchPlan, deepspeed_config, plan_batches
 from orchestrator.spec import JobSpec
+from orchestrator.tasks import load_data
 
 
 @dataclass(frozen=True)
 class Preflight:
-    data: TaskData
+    data: object  # orchestrator.data.TaskData or orchestrator.lm_data.LMData
     plan: BatchPlan
     total_params: int
     linear_modules: int
+    train_rows: int  # what one epoch steps through: examples, or packed rows for a packed causal LM job
+    example: str | None = None  # causal LM: the first training example with its trained spans marked
+    dropped: dict[str, int] = field(default_factory=dict)  # causal LM: examples left with no trained token
 
 
 def preflight(spec: JobSpec) -> Preflight:
     """Raises :class:`orchestrator.spec.SpecError` naming the field to fix; returns what it learned."""
-    data = load_task_data(spec.data)
-    plan = plan_batches(spec, len(data.train.texts))
+    data = load_data(spec)
+    example, dropped, rows = None, {}, len(data.train)
+    if spec.model.task == "causal_lm":
+        from transformers import AutoTokenizer
+
+        from orchestrator.lm_data import encode, show
+        from orchestrator.modeling import model_folder
+        from orchestrator.tasks import CausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(model_folder(spec.model))
+        task = CausalLM(data, tokenizer, spec)  # tokenises every split: the checks the workers would hit later
+        rows, dropped = task.size("train"), {k: v for k, v in task.dropped.items() if v}
+        example = show(encode(data.train.records[0], tokenizer, spec.data.max_length, spec.data.train_on), tokenizer)
+    plan = plan_batches(spec, rows)
     deepspeed_config(spec, plan, read_deepspeed_json(spec.deepspeed.config))  # checks a user JSON's batch keys
-    names, total = linear_module_names(spec, len(data.label_names))
+    names, total = linear_module_names(spec, len(data.label_names) if data.label_names else None)
     check_target_modules(spec.lora, names)
-    if spec.model.adapter and not spec.model.adapter.startswith("models:/"):
+    if spec.model.adapter and not spec.model.adapter.startswith("models:/") and data.label_names:
         check_adapter_labels(spec.model.adapter, data.label_names)
-    return Preflight(data, plan, total, len(names))
+    return Preflight(data, plan, total, len(names), rows, example, dropped)

@@ -40,9 +40,15 @@ class ModelSpec(_Strict):
         "float32", description="dtype the frozen base weights are loaded in."
     )
     trust_remote_code: bool = Field(False, description="Run code shipped with the model folder. Off unless needed.")
+    gguf_file: str | None = Field(
+        None, description="A GGUF file inside model.path (e.g. a quantized export): dequantized once per machine "
+                          "into a plain Hugging Face folder in $ORCHESTRATOR_CACHE (default ~/.cache/orchestrator).")
     adapter: str | None = Field(
         None, description="Continue training this PEFT adapter instead of a fresh LoRA: a folder, "
                           "models:/NAME@alias or models:/NAME/VERSION. Its LoRA settings replace the lora section.")
+
+
+LM_FORMATS = ("prompt_completion", "chat", "text")
 
 
 class DataSpec(_Strict):
@@ -52,6 +58,18 @@ class DataSpec(_Strict):
     test: str | None = None
     text_column: str = "text"
     label_column: str = "label"
+    format: Literal["auto", "prompt_completion", "chat", "text"] = Field(
+        "auto", description="causal_lm only: prompt/completion pairs, chat messages (rendered with the model's chat "
+                            "template) or plain text; auto picks by the columns of data.train.")
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    messages_column: str = "messages"
+    train_on: Literal["completion", "all"] = Field(
+        "completion", description="causal_lm: loss on completion (chat: assistant) tokens only, or on every token.")
+    packing: bool = Field(False, description="causal_lm: pack short examples into rows of max_length tokens.")
+    packing_attention: Literal["isolated", "shared"] = Field(
+        "isolated", description="isolated: packed examples attend only within themselves (position ids restart); "
+                                "shared: plain concatenation, tokens see earlier examples in the row.")
     max_length: int = Field(128, ge=8, le=32768, description="Tokens per example after truncation.")
     validation_split: float | None = Field(
         None, gt=0, lt=0.5, description="Fraction of train held out for validation when no validation file is given."
@@ -82,6 +100,8 @@ class TrainSpec(_Strict):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0, description="0 turns clipping off.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, "
+                                                            "about a third more compute.")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = 42
     eval_every_steps: PositiveInt | None = Field(None, description="Default: once per epoch.")
@@ -168,7 +188,8 @@ class Dimension(_Strict):
 
 
 DIMENSION_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
-TUNE_METRICS = {"eval_accuracy": "max", "eval_macro_f1": "max", "eval_loss": "min"}
+TUNE_METRICS = {"eval_accuracy": "max", "eval_macro_f1": "max", "eval_loss": "min", "eval_perplexity": "min"}
+LM_METRICS = ("eval_loss", "eval_perplexity")  # what a causal_lm job's evaluation reports
 
 
 class SchedulerSpec(_Strict):
@@ -183,7 +204,8 @@ class SchedulerSpec(_Strict):
 
 class TuneSpec(_Strict):
     space: dict[str, Dimension] = Field(min_length=1, description="Dotted spec field -> how to search it.")
-    metric: Literal["eval_accuracy", "eval_macro_f1", "eval_loss"] = "eval_accuracy"
+    metric: Literal["eval_accuracy", "eval_macro_f1", "eval_loss", "eval_perplexity"] = Field(
+        "eval_accuracy", description="Default: eval_accuracy; eval_loss for causal_lm jobs.")
     mode: Literal["max", "min"] | None = Field(None, description="Default: max for accuracy/F1, min for loss.")
     num_samples: PositiveInt = Field(1, description="Random samples; with grid axes, repeats of the grid.")
     search: Literal["random", "grid", "optuna"] = Field(
@@ -223,6 +245,15 @@ class SnapshotSpec(_Strict):
 GATE_METRICS = {"accuracy": "max", "macro_f1": "max", "loss": "min"}
 
 
+class GenerationSpec(_Strict):
+    """causal_lm: completions for fixed prompts at every evaluation, logged to MLflow as a table."""
+
+    prompts: list[str] | None = Field(None, description="Default: the prompts of the first validation examples.")
+    num_prompts: int = Field(3, ge=0, le=32, description="How many validation prompts when prompts is not given; "
+                                                         "0 turns samples off.")
+    max_new_tokens: PositiveInt = Field(48, le=1024)
+
+
 class RetrainSpec(_Strict):
     """``orchestrator retrain``: train a challenger on the newest snapshot, promote it past a gate."""
 
@@ -257,14 +288,30 @@ class JobSpec(_Strict):
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     registry: RegistrySpec = Field(default_factory=RegistrySpec)
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
     tune: TuneSpec | None = Field(None, description="A hyperparameter search (orchestrator tune).")
     retrain: RetrainSpec | None = Field(None, description="Scheduled retraining with a promotion gate.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, raw: Any) -> Any:
+        """A causal LM search defaults to validation loss (it has no accuracy)."""
+        if isinstance(raw, dict) and isinstance(raw.get("model"), dict) and raw["model"].get("task") == "causal_lm" \
+                and isinstance(raw.get("tune"), dict) and "metric" not in raw["tune"]:
+            raw = {**raw, "tune": {**raw["tune"], "metric": "eval_loss"}}
+        return raw
+
     @model_validator(mode="after")
     def _cross_field_rules(self) -> JobSpec:
+        causal = self.model.task == "causal_lm"
         rules = [
-            (self.model.task == "causal_lm", "model.task",
-             "causal_lm is not supported by this version yet; use sequence_classification"),
+            (not causal and self.data.format != "auto", "data.format",
+             "prompt_completion, chat and text are causal_lm formats; set model.task: causal_lm"),
+            (not causal and self.data.packing, "data.packing", "packing is for causal_lm jobs"),
+            (causal and self.tune is not None and self.tune.metric not in LM_METRICS, "tune.metric",
+             f"a causal_lm job reports {' and '.join(LM_METRICS)}; use one of them"),
+            (causal and self.retrain is not None, "retrain",
+             "retraining with a promotion gate supports sequence_classification jobs only in this version"),
             ((self.train.epochs is None) == (self.train.max_steps is None), "train.epochs",
              "set exactly one of train.epochs and train.max_steps"),
             (self.data.validation is not None and self.data.validation_split is not None, "data.validation_split",

@@ -25,6 +25,7 @@ class MetricSink(Protocol):
     def log_params(self, params: dict[str, Any]) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_artifacts(self, folder: str, artifact_path: str) -> None: ...
+    def log_table(self, columns: dict[str, list], artifact_file: str) -> None: ...
 
 
 class NullSink:
@@ -34,6 +35,7 @@ class NullSink:
     def log_params(self, params: dict[str, Any]) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_artifacts(self, folder: str, artifact_path: str) -> None: ...
+    def log_table(self, columns: dict[str, list], artifact_file: str) -> None: ...
 
 
 class MlflowSink:
@@ -62,6 +64,10 @@ class MlflowSink:
 
     def log_artifacts(self, folder: str, artifact_path: str) -> None:
         self._client.log_artifacts(self._run_id, folder, artifact_path)
+
+    def log_table(self, columns: dict[str, list], artifact_file: str) -> None:
+        """Appends rows to the run's table (MLflow appends when the artifact file exists already)."""
+        self._client.log_table(self._run_id, columns, artifact_file)
 
 
 def tracking_uri(spec: JobSpec) -> str:

@@ -15,21 +15,15 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.data import load_task_data
-from orchestrator.metrics import classification_metrics
-from orchestrator.modeling import (
-    LABELS_FILE,
-    build_peft_model,
-    parameter_counts,
-    read_deepspeed_json,
-    resolve_model_path,
-)
+from orchestrator.modeling import LABELS_FILE, build_peft_model, model_folder, parameter_counts, read_deepspeed_json
 from orchestrator.planning import deepspeed_config, eval_shard, lr_multiplier, micro_batch_indices, plan_batches
 from orchestrator.session import WorkerContext
 from orchestrator.spec import JobSpec
+from orchestrator.tasks import generate, load_data, make_task
 from orchestrator.tracking import ADAPTER_ARTIFACT, MetricSink, MlflowSink, NullSink
 
 ADAPTER_DIR = "adapter"
+SAMPLES_TABLE = "samples.json"  # the MLflow table of generated completions (causal LM)
 
 
 def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, run_id: str | None) -> dict[str, float]:
@@ -46,10 +40,10 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
     if not spec.scaling.use_gpu:
         torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
     sink: MetricSink = MlflowSink(tracking_uri, run_id) if ctx.rank == 0 and run_id else NullSink()
-    data = load_task_data(spec.data)
-    plan = plan_batches(spec, len(data.train.texts))
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(spec.model.path))
-    model = build_peft_model(spec, data.label_names)
+    tokenizer = AutoTokenizer.from_pretrained(model_folder(spec.model))
+    task = make_task(spec, load_data(spec), tokenizer)  # classification or causal LM: data, batches, metrics
+    plan = plan_batches(spec, task.size("train"))
+    model = build_peft_model(spec, task.label_names)
     trainable, total = parameter_counts(model)
     engine, *_ = deepspeed.initialize(
         model=model,
@@ -77,30 +71,38 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
     ctx.progress({"event": "start", "step": start_step, "total": plan.total_steps, "trainable": trainable,
                   "total_params": total})
 
-    def encode(indices: list[int], texts: list[str], labels: list[int]) -> dict:
-        batch = tokenizer([texts[i] for i in indices], truncation=True, max_length=spec.data.max_length,
-                          padding=True, return_tensors="pt")
-        batch["labels"] = torch.tensor([labels[i] for i in indices])
-        return {k: v.to(engine.device) for k, v in batch.items()}
+    def to_device(batch: dict) -> dict:
+        return {k: v.to(engine.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-    def evaluate(split) -> dict[str, float]:
-        """Loss, accuracy and macro-F1 on a split; every rank runs the same number of forward passes."""
+    def evaluate(split: str) -> dict[str, float]:
+        """The task's metrics on a split (classification: loss, accuracy, macro-F1; causal LM: loss,
+        perplexity); every rank runs the same number of forward passes."""
         engine.eval()
-        indices, local = eval_shard(len(split.texts), ctx.rank, ctx.world_size), []
+        indices, local = eval_shard(task.size(split), ctx.rank, ctx.world_size), []
         with torch.no_grad():
             for start in range(0, len(indices), plan.micro_batch_size * 2):
                 chunk = indices[start:start + plan.micro_batch_size * 2]
-                batch = encode([max(i, 0) for i in chunk], split.texts, split.labels)
-                logits = engine(**batch).logits.float()
-                losses = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
-                rows = zip(chunk, logits.argmax(-1).tolist(), batch["labels"].tolist(), losses.tolist())
-                local += [(pred, label, loss) for i, pred, label, loss in rows if i >= 0]
+                batch = to_device(task.batch(split, [max(i, 0) for i in chunk])[0])
+                rows = task.eval_rows(engine(**batch).logits, batch)
+                local += [row for i, row in zip(chunk, rows) if i >= 0]  # -1: padding to equal shard sizes
         gathered: list = [None] * ctx.world_size
         dist.all_gather_object(gathered, local)
-        rows = [row for part in gathered for row in part]
         engine.train()
-        result = classification_metrics([r[0] for r in rows], [r[1] for r in rows], len(data.label_names))
-        return {**result, "loss": sum(r[2] for r in rows) / len(rows)}
+        return task.metrics([row for part in gathered for row in part])
+
+    prompts = task.sample_prompts() if spec.model.task == "causal_lm" else []
+    zero3 = spec.deepspeed.zero_stage == 3
+
+    def samples(step: int) -> None:
+        """Completions for the fixed prompts, logged as rows of an MLflow table (rank 0; all ranks under ZeRO-3,
+        whose partitioned parameters need every rank in each forward pass)."""
+        if not prompts or not (ctx.rank == 0 or zero3):
+            return
+        texts = generate(engine.module, tokenizer, prompts, spec.generation.max_new_tokens,
+                         add_special_tokens=not task.prompts_have_special_tokens, synced=zero3)
+        if ctx.rank == 0:
+            sink.log_table({"step": [step] * len(texts), "prompt": prompts, "completion": texts}, SAMPLES_TABLE)
+            ctx.progress({"event": "samples", "step": step, "samples": list(zip(prompts, texts))})
 
     def checkpoint(step: int, metrics: dict[str, float]) -> None:
         with tempfile.TemporaryDirectory(prefix="orchestrator-ckpt-") as folder:
@@ -118,13 +120,13 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
         step_start = time.perf_counter()
         for micro in range(plan.gradient_accumulation_steps):
             micro_step = step * plan.gradient_accumulation_steps + micro
-            indices = micro_batch_indices(plan, len(data.train.texts), ctx.rank, micro_step, spec.train.seed)
-            batch = encode(indices, data.train.texts, data.train.labels)
-            loss = engine(**batch).loss
+            indices = micro_batch_indices(plan, task.size("train"), ctx.rank, micro_step, spec.train.seed)
+            batch, tokens = task.batch("train", indices)
+            loss = engine(**to_device(batch)).loss
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer and scheduler only at the accumulation boundary
             window["loss"] += loss.item() / plan.gradient_accumulation_steps
-            window["tokens"] += int(batch["attention_mask"].sum())
+            window["tokens"] += tokens
             window["examples"] += len(indices)
         window["steps"] += 1
         window["seconds"] += time.perf_counter() - step_start  # training time only: no eval, report or logging
@@ -148,7 +150,8 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
         is_checkpoint = done % plan.checkpoint_every_steps == 0 and not last  # the last one follows the save
         if is_eval:
             started = time.perf_counter()
-            evaluation = {f"eval_{k}": v for k, v in evaluate(data.validation).items()}
+            evaluation = {f"eval_{k}": v for k, v in evaluate("validation").items()}
+            samples(done)
             timers["evaluation_seconds"] += time.perf_counter() - started
             metrics = {**metrics, **evaluation, **timers, "step": done}
             sink.log_metrics(evaluation, done)
@@ -162,11 +165,13 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
 
     # ------------------------------------------------------------------ save
     final = dict(metrics)
-    if "eval_accuracy" not in final:  # nothing left to train (a rerun of a finished job): evaluate anyway
-        final.update({f"eval_{k}": v for k, v in evaluate(data.validation).items()})
-    if data.test is not None:
-        final.update({f"test_{k}": v for k, v in evaluate(data.test).items()})
-    adapter = save_adapter(engine, spec, tokenizer, data.label_names, ctx.rank)
+    if "eval_loss" not in final:  # nothing left to train (a rerun of a finished job): evaluate anyway
+        final.update({f"eval_{k}": v for k, v in evaluate("validation").items()})
+    if spec.data.test is not None:
+        final.update({f"test_{k}": v for k, v in evaluate("test").items()})
+    if spec.model.task == "causal_lm":  # the adapter's saved job names the format it was trained on
+        spec = spec.model_copy(update={"data": spec.data.model_copy(update={"format": task.data.format})})
+    adapter = save_adapter(engine, spec, tokenizer, task.label_names, ctx.rank)
     if start_step < plan.total_steps:
         checkpoint(plan.total_steps, final)  # the final state, carrying the run's result metrics
     else:  # a rerun of a finished job: its final checkpoint already exists; registering it twice would let
@@ -190,7 +195,7 @@ def _peak_memory_mb(on_gpu: bool) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def save_adapter(engine, spec: JobSpec, tokenizer, label_names: list[str], rank: int) -> str:
+def save_adapter(engine, spec: JobSpec, tokenizer, label_names: list[str] | None, rank: int) -> str:
     """Writes the trained adapter in plain PEFT format to ``output_dir/adapter`` (atomically, rank 0).
 
     Under ZeRO-3 the trainable parameters are partitioned across ranks, so every rank joins the gather; the
@@ -211,7 +216,8 @@ def save_adapter(engine, spec: JobSpec, tokenizer, label_names: list[str], rank:
     partial = Path(tempfile.mkdtemp(prefix=".adapter-", dir=spec.output_dir))
     model.save_pretrained(partial, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(partial)
-    (partial / LABELS_FILE).write_text(json.dumps(label_names, indent=1))
+    if label_names is not None:
+        (partial / LABELS_FILE).write_text(json.dumps(label_names, indent=1))
     (partial / "orchestrator_job.yaml").write_text(yaml.safe_dump(spec.model_dump(), sort_keys=False))
     _check_adapter(partial)
     if target.exists():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def train(spec: JobSpec, verbose: bool = False, console: TrainingConsole | None 
     return TrainResult(str(Path(spec.output_dir, ADAPTER_DIR)), uri, run_id, metrics)
 
 
-def with_local_adapter(spec: JobSpec, label_names: list[str]) -> JobSpec:
+def with_local_adapter(spec: JobSpec, label_names: list[str] | None) -> JobSpec:
     """The spec with ``model.adapter`` as a local folder: a registry URI (models:/NAME@alias) is downloaded
     once into ``output_dir/start_adapter`` by the driver, so every worker reads the same files."""
     if not spec.model.adapter:
@@ -58,7 +59,8 @@ def with_local_adapter(spec: JobSpec, label_names: list[str]) -> JobSpec:
 
     folder = registry.resolve_adapter(spec.model.adapter, tracking.tracking_uri(spec),
                                       str(Path(spec.output_dir, "start_adapter")))
-    check_adapter_labels(folder, label_names)
+    if label_names:
+        check_adapter_labels(folder, label_names)
     return spec.model_copy(update={"model": spec.model.model_copy(update={"adapter": folder})})
 
 
@@ -66,5 +68,11 @@ def data_inputs(data) -> list[tuple]:
     """(context, source, sha256, pandas frame) per split: what :func:`tracking.start_run` records as inputs."""
     import pandas as pd
 
-    return [(split.name, split.source, split.digest, pd.DataFrame({"text": split.texts, "label": split.labels}))
+    def frame(split):
+        if hasattr(split, "records"):  # causal LM: one column per field, chat messages as JSON text
+            return pd.DataFrame([{k: v if isinstance(v, str) else json.dumps(v) for k, v in r.items()}
+                                 for r in split.records])
+        return pd.DataFrame({"text": split.texts, "label": split.labels})
+
+    return [(split.name, split.source, split.digest, frame(split))
             for split in (data.train, data.validation, data.test) if split is not None]

@@ -65,7 +65,8 @@ def tune(spec: JobSpec, resume: bool = False, verbose: bool = False, console: St
         raise SpecError("tune: this job has no tune section; add one (see jobs/quickstart_search.yaml) "
                         "or run it with orchestrator train")
     checked = preflight(spec)
-    names, _ = linear_module_names(spec, len(checked.data.label_names))
+    labels = checked.data.label_names
+    names, _ = linear_module_names(spec, len(labels) if labels else None)
     for path, dimension in spec.tune.space.items():
         if path == "lora.target_modules":
             for value in dimension.args:
@@ -88,7 +89,7 @@ def tune(spec: JobSpec, resume: bool = False, verbose: bool = False, console: St
     fitting = trials_that_fit(nodes, worker_resources(spec), spec.scaling.num_workers, spec.scaling.placement_strategy)
     planned = spec.tune.num_samples if spec.tune.search == "optuna" else num_trials(spec)
     running = concurrency(spec.tune.max_concurrent_trials, fitting, planned)
-    n_train = len(checked.data.train.texts)
+    n_train = checked.train_rows
     max_intervals = spec.tune.scheduler.max_intervals or math.ceil(
         checked.plan.total_steps / checked.plan.eval_every_steps)
 

@@ -54,10 +54,18 @@ def test_types_and_ranges_are_checked(job, section, value, field):
     ({"data": {"validation_split": 0.1}}, "data.validation_split"),
     ({"deepspeed": {"offload_params": True, "zero_stage": 2}}, "deepspeed.offload_params"),
     ({"train": {"precision": "fp16"}}, "train.precision"),
-    ({"model": {"task": "causal_lm"}}, "model.task"),
+    ({"data": {"format": "chat"}}, "data.format"),
+    ({"data": {"packing": True}}, "data.packing"),
+    ({"model": {"task": "causal_lm"}, "tune": {"space": {"lora.r": {"choice": [2, 4]}}, "metric": "eval_accuracy"}},
+     "tune.metric"),
 ])
 def test_cross_field_rules_name_the_field(job, sections, field):
     assert f"{field}: " in error_of(job(**sections))
+
+
+def test_a_causal_lm_search_defaults_to_validation_loss(job):
+    spec = spec_from_dict(job(model={"task": "causal_lm"}, tune={"space": {"lora.r": {"choice": [2, 4]}}}))
+    assert (spec.tune.metric, spec.tune.direction()) == ("eval_loss", "min")
 
 
 def test_no_validation_data_is_refused(job):

@@ -91,3 +91,84 @@ def tiny_job(root: Path, model_dir: Path, data_dir: Path, **sections) -> dict:
 def write_job(path: Path, job: dict) -> Path:
     path.write_text(yaml.safe_dump(job, sort_keys=False))
     return path
+
+
+CHAT_TEMPLATE = (  # the ChatML shape SmolLM2 and Qwen use
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+LM_WORDS = sorted({w for ws in TOPICS.values() for w in ws} | set(FILLER) | set(TOPICS) | {"topic", "about", "it",
+                                                                                          "answer", "question", ":"})
+
+
+def write_tiny_llama(folder: Path, seed: int = 0, pretrain_steps: int = 150) -> Path:
+    """A 2-layer Llama-style model (hidden 32, grouped-query attention) with a word-level fast tokenizer that
+    has special tokens, offsets and a ChatML chat template."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = ["<pad>", "<unk>", "<s>", "<|im_start|>", "<|im_end|>"]
+    vocab = {token: i for i, token in enumerate(specials + ["user", "assistant", "system"] + LM_WORDS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="<|im_end|>",
+                                        pad_token="<pad>", unk_token="<unk>",
+                                        additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=vocab["<s>"], eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<pad>"],
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    # "Pretraining": full training on chats answered in another style ("it is about X"), so the model knows the
+    # words and the turn structure; the LoRA jobs then teach the "topic : X" style on top.
+    texts = [tokenizer.apply_chat_template([r["messages"][0], {"role": "assistant", "content": "it is about "
+                                            + r["messages"][1]["content"].split()[-1]}], tokenize=False)
+             for r in tiny_chat_rows(256, seed=1000 + seed)]
+    batch = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(pretrain_steps):
+        pick = torch.randint(0, len(texts), (32,), generator=generator)
+        model(input_ids=batch["input_ids"][pick], attention_mask=batch["attention_mask"][pick],
+              labels=labels[pick]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_chat_rows(count: int, seed: int) -> list[dict]:
+    """Chats whose assistant names the topic of the user's words: learnable in a few dozen steps."""
+    rows = []
+    for row in tiny_rows(count, seed):
+        rows.append({"messages": [{"role": "user", "content": f"question : {row['text']}"},
+                                  {"role": "assistant", "content": f"topic : {row['label']}"}]})
+    return rows
+
+
+def write_tiny_lm_data(folder: Path, kind: str = "chat", train: int = 128, validation: int = 32) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, (name, count) in enumerate((("train", train), ("validation", validation))):
+        rows = tiny_chat_rows(count, seed)
+        if kind == "prompt_completion":
+            rows = [{"prompt": r["messages"][0]["content"] + " answer :",
+                     "completion": " " + r["messages"][1]["content"]} for r in rows]
+        elif kind == "text":
+            rows = [{"text": r["messages"][0]["content"] + " " + r["messages"][1]["content"]} for r in rows]
+        with open(folder / f"{name}.jsonl", "w") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+    return folder
+
+
+def tiny_lm_job(root: Path, model_dir: Path, data_dir: Path, **sections) -> dict:
+    job = tiny_job(root, model_dir, data_dir, **sections)
+    job["model"] = {"path": str(model_dir), "task": "causal_lm", **sections.get("model", {})}
+    job["data"] = {"train": str(data_dir / "train.jsonl"), "validation": str(data_dir / "validation.jsonl"),
+                   "max_length": 32, **sections.get("data", {})}
+    job["lora"] = {"r": 4, "alpha": 8, "target_modules": "all-linear", **sections.get("lora", {})}
+    return job
