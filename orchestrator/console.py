@@ -55,9 +55,10 @@ class TrainingConsole:
             self.console.print(f"step {event['step']}/{event['total']}: eval loss {event['eval_loss']:.4f}  "
                                f"perplexity {event['eval_perplexity']:.3f}")
         elif kind == "samples":
+            when = "base model" if event["step"] == 0 else f"step {event['step']}"
             for prompt, completion in event["samples"]:
-                shown = prompt.replace("\n", " ")[-60:]
-                self.console.print(f"  sample: …{shown!s} -> {completion.strip()[:160]!r}", markup=False)
+                answer = " ".join(completion.split())[:160]
+                self.console.print(f"  sample ({when}): {prompt[:80]} -> {answer}", markup=False, soft_wrap=True)
 
 
 class StudyConsole:

@@ -169,7 +169,8 @@ def render(record: dict[str, Any], tokenizer, train_on: str) -> tuple[str, list[
                 raise SpecError("model.path: the tokenizer's chat template does not render a conversation as a "
                                 "prefix of its continuation; assistant turns cannot be located for masking "
                                 "(use data.train_on: all, or prompt_completion data)")
-            spans.append((len(before), len(through)))
+            # The turn ends at the template's end-of-turn token; whitespace after it is never generated.
+            spans.append((len(before), len(through.rstrip())))
         return text, [(0, len(text))] if train_on == "all" else spans, True
     if "prompt" in record:
         text = record["prompt"] + record["completion"] + eos

@@ -63,8 +63,11 @@ def model_folder(model: ModelSpec) -> str:
 def _dequantize(gguf: Path, target: Path, trust_remote_code: bool) -> None:
     """Writes the GGUF model as a plain fp32 safetensors folder, atomically (a rename; concurrent converters on
     one machine each write their own temporary folder and the first rename wins)."""
+    import sys
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    print(f"dequantizing {gguf.name} into {target} (once per machine)", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:

@@ -107,17 +107,25 @@ class CausalLM:
     def prompts_have_special_tokens(self) -> bool:
         return self.data.format == "chat"  # the chat template wrote them
 
-    def sample_prompts(self) -> list[str]:
-        """The fixed prompts generated from at every evaluation (rendered with the chat template for chat data)."""
+    def sample_prompts(self) -> list[tuple[str, str]]:
+        """The fixed prompts generated from at every evaluation: (as a person reads it, as the model sees it,
+        rendered with the chat template for chat data)."""
         from orchestrator.lm_data import _chat, prompt_text
 
         generation = self.spec.generation
         if generation.prompts is not None:
             if self.data.format == "chat":
-                return [_chat(self.tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True)
+                return [(p, _chat(self.tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True))
                         for p in generation.prompts]
-            return list(generation.prompts)
-        return [prompt_text(r, self.tokenizer) for r in self.data.validation.records[:generation.num_prompts]]
+            return [(p, p) for p in generation.prompts]
+        records = self.data.validation.records[:generation.num_prompts]
+        return [(_readable(r), prompt_text(r, self.tokenizer)) for r in records]
+
+
+def _readable(record: dict[str, Any]) -> str:
+    if "messages" in record:
+        return [m["content"] for m in record["messages"] if m["role"] == "user"][-1]
+    return record.get("prompt") or " ".join(record["text"].split()[:max(1, len(record["text"].split()) // 2)])
 
 
 def make_task(spec: JobSpec, data, tokenizer) -> Classification | CausalLM:

@@ -98,11 +98,13 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
         whose partitioned parameters need every rank in each forward pass)."""
         if not prompts or not (ctx.rank == 0 or zero3):
             return
-        texts = generate(engine.module, tokenizer, prompts, spec.generation.max_new_tokens,
-                         add_special_tokens=not task.prompts_have_special_tokens, synced=zero3)
+        shown = [readable for readable, _ in prompts]
+        texts = generate(engine.module, tokenizer, [rendered for _, rendered in prompts],
+                         spec.generation.max_new_tokens, add_special_tokens=not task.prompts_have_special_tokens,
+                         synced=zero3)
         if ctx.rank == 0:
-            sink.log_table({"step": [step] * len(texts), "prompt": prompts, "completion": texts}, SAMPLES_TABLE)
-            ctx.progress({"event": "samples", "step": step, "samples": list(zip(prompts, texts))})
+            sink.log_table({"step": [step] * len(texts), "prompt": shown, "completion": texts}, SAMPLES_TABLE)
+            ctx.progress({"event": "samples", "step": step, "samples": list(zip(shown, texts))})
 
     def checkpoint(step: int, metrics: dict[str, float]) -> None:
         with tempfile.TemporaryDirectory(prefix="orchestrator-ckpt-") as folder:
@@ -111,6 +113,11 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
             ctx.report(metrics, folder, f"step_{step:07d}")
 
     # ------------------------------------------------------------------ loop
+    if start_step == 0 and spec.model.task == "causal_lm":  # the base model: what training is compared with
+        base = {f"eval_{k}": v for k, v in evaluate("validation").items()}
+        sink.log_metrics(base, 0)
+        ctx.progress({"event": "eval", "step": 0, "total": plan.total_steps, **base})
+        samples(0)
     engine.train()
     window = {"loss": 0.0, "tokens": 0, "examples": 0, "steps": 0, "seconds": 0.0}  # since the last log line
     metrics: dict[str, float] = {}
