@@ -187,6 +187,15 @@ def _registry(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    from orchestrator.inference import complete, load_causal_adapter
+
+    loaded = load_causal_adapter(args.adapter, args.base, args.tracking_uri)
+    for prompt in args.prompts:
+        print(complete(loaded, prompt, args.max_new_tokens, raw=args.raw).strip())
+    return 0
+
+
 def _schema(_args) -> int:
     from orchestrator.spec import json_schema
 
@@ -255,6 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--tracking-uri", default=argparse.SUPPRESS,
                          help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI)")
     models.set_defaults(handler=_registry, verbose=False)
+    speak = commands.add_parser("generate", help="complete prompts with a causal LM adapter (greedy)",
+                                description="Loads the adapter's base model (from the job saved with it) and the "
+                                            "adapter, and prints one completion per prompt.")
+    speak.add_argument("prompts", nargs="+", metavar="PROMPT")
+    speak.add_argument("--adapter", required=True, help="adapter folder, or models:/NAME@alias | models:/NAME/VERSION")
+    speak.add_argument("--base", help="base model folder (default: the one the adapter was trained on)")
+    speak.add_argument("--max-new-tokens", type=int, default=64)
+    speak.add_argument("--raw", action="store_true", help="send the prompt as is, not through the chat template")
+    speak.add_argument("--tracking-uri", help="MLflow registry URI for models:/ (default: $MLFLOW_TRACKING_URI)")
+    speak.add_argument("-v", "--verbose", action="store_true", help="show the libraries' logs")
+    speak.set_defaults(handler=_generate)
     schema = commands.add_parser("schema", help="print the JSON Schema of job files")
     schema.set_defaults(handler=_schema, verbose=False)
     return parser

@@ -32,6 +32,8 @@ class Preflight:
 def preflight(spec: JobSpec) -> Preflight:
     """Raises :class:`orchestrator.spec.SpecError` naming the field to fix; returns what it learned."""
     data = load_data(spec)
+    names, total = linear_module_names(spec, len(data.label_names) if data.label_names else None)
+    check_target_modules(spec.lora, names)
     example, dropped, rows = None, {}, len(data.train)
     if spec.model.task == "causal_lm":
         from transformers import AutoTokenizer
@@ -46,8 +48,6 @@ def preflight(spec: JobSpec) -> Preflight:
         example = show(encode(data.train.records[0], tokenizer, spec.data.max_length, spec.data.train_on), tokenizer)
     plan = plan_batches(spec, rows)
     deepspeed_config(spec, plan, read_deepspeed_json(spec.deepspeed.config))  # checks a user JSON's batch keys
-    names, total = linear_module_names(spec, len(data.label_names) if data.label_names else None)
-    check_target_modules(spec.lora, names)
     if spec.model.adapter and not spec.model.adapter.startswith("models:/") and data.label_names:
         check_adapter_labels(spec.model.adapter, data.label_names)
     return Preflight(data, plan, total, len(names), rows, example, dropped)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny import tiny_job, write_tiny_data, write_tiny_model
+from tests.tiny import tiny_job, tiny_lm_job, write_tiny_data, write_tiny_llama, write_tiny_lm_data, write_tiny_model
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -42,6 +42,22 @@ def tiny_data(tmp_path_factory) -> Path:
 def job(tmp_path, tiny_model, tiny_data):
     """A factory of tiny job dicts under this test's tmp_path: job(lora={"r": 2}, ...)."""
     return lambda **sections: tiny_job(tmp_path, tiny_model, tiny_data, **sections)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_chats(tmp_path_factory) -> Path:
+    return write_tiny_lm_data(tmp_path_factory.mktemp("tiny") / "chats")
+
+
+@pytest.fixture
+def lm_job(tmp_path, tiny_llama, tiny_chats):
+    """A factory of tiny causal LM job dicts (chat data) under this test's tmp_path."""
+    return lambda **sections: tiny_lm_job(tmp_path, tiny_llama, tiny_chats, **sections)
 
 
 @pytest.fixture(scope="session")
