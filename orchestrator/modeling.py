@@ -210,7 +210,10 @@ def _causal_peft_model(spec: JobSpec, folder: str):
                                                 trust_remote_code=spec.model.trust_remote_code, use_safetensors=True)
     base.config.use_cache = False  # training: a KV cache would also turn off packed-sequence attention masks
     if spec.train.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(base, "activation_checkpointing_enable"):  # the name transformers 6 keeps
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()  # the frozen embeddings' output must carry grad for checkpointing
     if spec.model.adapter:
         check_adapter_task(spec.model.adapter, "CAUSAL_LM")

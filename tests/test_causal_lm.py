@@ -196,3 +196,36 @@ def test_chat_data_on_a_model_without_a_chat_template_is_refused_before_training
                                                   "validation": str(tiny_chats / "validation.jsonl"), "test": None})
     assert main(["validate", str(write_job(tmp_path / "job.yaml", raw))]) == EXIT_BAD_INPUT
     assert "data.format: chat data needs a tokenizer with a chat template" in capsys.readouterr().err
+
+
+def test_all_linear_adapts_attention_and_mlp_but_not_the_output_layer(lm_job):
+    from orchestrator.modeling import build_peft_model
+
+    model = build_peft_model(spec_from_dict(lm_job(lora={"r": 4, "target_modules": "all-linear"})), None)
+    adapted = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if hasattr(m, "lora_A") and m.lora_A}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    layers = [m for _, m in model.named_modules() if hasattr(m, "lora_A") and m.lora_A]
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(
+        4 * (m.in_features + m.out_features) for m in layers)  # r·(in+out) per adapted layer, nothing else
+
+
+def test_gradient_checkpointing_changes_memory_not_the_gradients(lm_job, tokenizer):
+    from orchestrator.modeling import build_peft_model
+
+    examples = _examples(tokenizer)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        spec = spec_from_dict(lm_job(lora={"dropout": 0.0}, train={"gradient_checkpointing": checkpointing}))
+        model = build_peft_model(spec, None)
+        generator = torch.Generator().manual_seed(1)  # the same values for both models, in parameter order
+        with torch.no_grad():  # LoRA B starts at zero; make it non-zero so A's gradient is not trivially zero
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.02, generator=generator)
+        model.train()
+        model(**collate(examples, tokenizer.pad_token_id, isolated=False)).loss.backward()
+        assert model.base_model.model.is_gradient_checkpointing == checkpointing
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
