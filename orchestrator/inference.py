@@ -7,6 +7,7 @@ elsewhere (PEFT's ``base_model_name_or_path`` is the fallback).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -30,8 +31,10 @@ def adapter_folder(reference: str, tracking_uri: str | None) -> str:
     from orchestrator import registry
 
     if registry.is_registry_ref(reference):
-        cache = Path(os.environ.get("ORCHESTRATOR_CACHE", Path.home() / ".cache" / "orchestrator"), "adapters")
-        return registry.resolve_adapter(reference, registry.registry_uri(tracking_uri), str(cache))
+        uri = registry.registry_uri(tracking_uri)
+        store = hashlib.sha256(uri.encode()).hexdigest()[:12]  # NAME-vN is unique within one registry only
+        cache = Path(os.environ.get("ORCHESTRATOR_CACHE", Path.home() / ".cache" / "orchestrator"), "adapters", store)
+        return registry.resolve_adapter(reference, uri, str(cache))
     if not Path(reference, "adapter_config.json").is_file():
         raise SpecError(f"--adapter: {reference} is not a PEFT adapter folder (no adapter_config.json) and not a "
                         "registry URI (models:/NAME@alias or models:/NAME/VERSION)")

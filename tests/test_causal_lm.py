@@ -149,15 +149,25 @@ def test_validate_shows_the_rendered_example_with_trained_spans(lm_job, tmp_path
     assert "user question" in out and "assistant[[topic : billing <|im_end|>]]" in out  # prompt plain, answer marked
 
 
-def test_in_process_training_learns_and_its_adapter_loads_with_plain_peft_and_generate(lm_job, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def trained(tiny_llama, tiny_chats, tmp_path_factory):
+    """A world-size-1 DeepSpeed run on packed chats; its spec, progress events and final metrics."""
+    from tests.tiny import tiny_lm_job
+
+    root = tmp_path_factory.mktemp("lm-in-process")
+    events = []
+    spec = spec_from_dict(tiny_lm_job(root, tiny_llama, tiny_chats, scaling={"num_workers": 1}, data={"packing": True},
+                                      train={"epochs": 4, "learning_rate": 0.02, "log_every_steps": 4},
+                                      generation={"prompts": ["question : my invoice late"], "max_new_tokens": 4}))
+    final = train_worker(spec, LocalContext(str(root / "ckpt"), on_progress=events.append), None, None)
+    return spec, events, final
+
+
+def test_in_process_training_learns_and_its_adapter_loads_with_plain_peft_and_generate(trained, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    events = []
-    spec = spec_from_dict(lm_job(scaling={"num_workers": 1}, data={"packing": True},
-                                 train={"epochs": 4, "learning_rate": 0.02, "log_every_steps": 4},
-                                 generation={"prompts": ["question : my invoice late"], "max_new_tokens": 4}))
-    final = train_worker(spec, LocalContext(str(tmp_path / "ckpt"), on_progress=events.append), None, None)
+    spec, events, final = trained
     evals = [e for e in events if e["event"] == "eval"]
     assert evals[0]["step"] == 0 and evals[-1]["eval_loss"] < 0.8 * evals[0]["eval_loss"]
     assert final["eval_perplexity"] == pytest.approx(torch.tensor(final["eval_loss"]).exp().item(), rel=1e-6)
@@ -180,6 +190,26 @@ def test_in_process_training_learns_and_its_adapter_loads_with_plain_peft_and_ge
     capsys.readouterr()
     assert main(["generate", "--adapter", str(adapter), "--max-new-tokens", "4", "question : my invoice late"]) == 0
     assert capsys.readouterr().out.strip() == last.strip()
+
+
+def test_generate_takes_a_registry_uri(trained, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from orchestrator.registry import register_adapter
+
+    spec, events, _ = trained
+    uri = f"sqlite:///{tmp_path}/registry.db"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("lm", artifact_location=str(tmp_path / "artifacts")))
+    client.log_artifacts(run.info.run_id, str(Path(spec.output_dir, "adapter")), "adapter")
+    version = register_adapter(client, "tiny-lm", run.info.run_id, {})
+    client.set_registered_model_alias("tiny-lm", "champion", version)
+    capsys.readouterr()
+    assert main(["generate", "--adapter", "models:/tiny-lm@champion", "--tracking-uri", uri, "--max-new-tokens", "4",
+                 "question : my invoice late"]) == 0
+    assert capsys.readouterr().out.strip() == [e for e in events if e["event"] == "samples"][-1]["samples"][0][1]
+    assert main(["generate", "--adapter", "models:/tiny-lm@nope", "--tracking-uri", uri, "hi"]) == EXIT_BAD_INPUT
+    assert "nope" in capsys.readouterr().err
 
 
 def test_generate_refuses_what_is_not_a_causal_lm_adapter(tmp_path, capsys):
