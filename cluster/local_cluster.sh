@@ -82,7 +82,7 @@ stop() {
     [[ -f "$pid_file" ]] || continue
     local pid; pid=$(cat "$pid_file")
     kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 90); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done  # then KILL: no drain needed
     kill -KILL "$pid" 2>/dev/null || true
     rm -f "$pid_file"
   done

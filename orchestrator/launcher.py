@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -87,10 +88,16 @@ def connect(verbose: bool = False) -> None:
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.ERROR,
     )
+    # Inside a Ray job (orchestrator submit), ray.init re-extracts a freshly uploaded working_dir: usually the path
+    # stays, but this process's cwd is left on the deleted copy and os.getcwd() fails (measured on Ray 2.60).
+    # The spec's paths are absolute by now; the cwd only has to exist for libraries that ask for it.
     if os.path.isdir(here):
-        # Inside a Ray job (orchestrator submit), ray.init re-extracts a freshly uploaded working_dir: the path
-        # stays, but this process's cwd is left on the deleted copy and os.getcwd() fails (measured on Ray 2.60).
         os.chdir(here)
+    else:
+        try:
+            os.getcwd()
+        except FileNotFoundError:
+            os.chdir(tempfile.gettempdir())
 
 
 def cluster_nodes() -> list[dict[str, float]]:

@@ -27,8 +27,8 @@ def finished(ray_cluster, tiny_llama, tiny_chats, tmp_path_factory):
     root = tmp_path_factory.mktemp("lm-zero2")
     spec = spec_from_dict(tiny_lm_job(root, tiny_llama, tiny_chats, deepspeed={"zero_stage": 2},
                                       data={"packing": True}, generation={"num_prompts": 2, "max_new_tokens": 4},
-                                      train={"epochs": 4, "micro_batch_size": 8, "learning_rate": 0.02,
-                                             "eval_every_steps": 4, "log_every_steps": 2}))
+                                      train={"epochs": 3, "micro_batch_size": 8, "learning_rate": 0.02,
+                                             "eval_every_steps": 6, "log_every_steps": 2}))
     output = io.StringIO()
     result = train(spec, console=TrainingConsole(Console(file=output, width=200)))
     return spec, result, output.getvalue()
@@ -66,8 +66,8 @@ def test_generated_samples_are_an_mlflow_table_with_a_row_per_prompt_and_evaluat
 
 
 def test_a_search_on_a_causal_lm_ranks_trials_by_validation_loss(ray_cluster, lm_job, tmp_path, capsys):
-    raw = lm_job(scaling={"num_workers": 1}, train={"epochs": None, "max_steps": 4, "micro_batch_size": 16,
-                                                    "eval_every_steps": 2, "learning_rate": 0.02},
+    raw = lm_job(scaling={"num_workers": 1}, train={"epochs": None, "max_steps": 2, "micro_batch_size": 16,
+                                                    "eval_every_steps": 1, "learning_rate": 0.02},
                  generation={"num_prompts": 0},
                  tune={"space": {"lora.r": {"grid": [2, 4]}}, "scheduler": {"name": "fifo"}, "register_best": False})
     assert main(["tune", str(write_job(tmp_path / "search.yaml", raw))]) == 0
