@@ -66,6 +66,9 @@ def _worker_entry(config: dict[str, Any]) -> None:
     train_worker(spec, RayContext(config["progress"]), config["tracking_uri"], config["run_id"])
 
 
+IN_RAY_JOB = "ORCHESTRATOR_IN_RAY_JOB"  # set by `orchestrator submit` in the job's environment
+
+
 def connect(verbose: bool = False) -> None:
     """Joins the cluster at $RAY_ADDRESS, or starts a local one; Ray's log noise stays out unless verbose."""
     import ray
@@ -88,16 +91,14 @@ def connect(verbose: bool = False) -> None:
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.ERROR,
     )
-    # Inside a Ray job (orchestrator submit), ray.init re-extracts a freshly uploaded working_dir: usually the path
-    # stays, but this process's cwd is left on the deleted copy and os.getcwd() fails (measured on Ray 2.60).
-    # The spec's paths are absolute by now; the cwd only has to exist for libraries that ask for it.
-    if os.path.isdir(here):
+    # Inside a Ray job (orchestrator submit), Ray re-extracts the uploaded working_dir under the running driver,
+    # during ray.init or later, leaving this process's cwd on a deleted copy: os.getcwd() then fails (measured on
+    # Ray 2.60, e.g. in MLflow's SQLite store). The spec's paths are absolute by now, so a job's driver moves to a
+    # directory Ray does not manage; the cwd only has to exist for libraries that ask for it.
+    if os.environ.get(IN_RAY_JOB):
+        os.chdir(tempfile.gettempdir())
+    elif os.path.isdir(here):
         os.chdir(here)
-    else:
-        try:
-            os.getcwd()
-        except FileNotFoundError:
-            os.chdir(tempfile.gettempdir())
 
 
 def cluster_nodes() -> list[dict[str, float]]:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from orchestrator.launcher import IN_RAY_JOB
 from orchestrator.spec import SpecError, load_spec
 
 COMMANDS = ("train", "tune", "retrain", "validate")
@@ -39,7 +40,7 @@ def runtime_env(working_dir: str) -> dict:
         raise SpecError("MLFLOW_TRACKING_URI holds credentials; move them to MLFLOW_TRACKING_USERNAME/PASSWORD "
                         "(or MLFLOW_TRACKING_TOKEN) on the cluster: submit never sends credentials")
     return {"working_dir": working_dir, "py_modules": [str(Path(orchestrator.__file__).parent)],
-            "excludes": EXCLUDES, "env_vars": {**env, "PYTHONUNBUFFERED": "1"}}
+            "excludes": EXCLUDES, "env_vars": {**env, "PYTHONUNBUFFERED": "1", IN_RAY_JOB: "1"}}
 
 
 def submit(job_file: str, overrides: list[str], address: str, command: str = "train", wait: bool = True,

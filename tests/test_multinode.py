@@ -48,9 +48,15 @@ def submit(two_nodes, folder: Path, *argv: str, env: dict | None = None) -> subp
 
 
 def test_submit_trains_with_one_worker_on_each_node(two_nodes, tmp_path, tiny_model, tiny_data, mlflow_server):
+    import shutil
+
     from mlflow import MlflowClient
 
-    job = tiny_job(tmp_path, tiny_model, tiny_data, tracking={"uri": mlflow_server, "experiment": "two-nodes"},
+    # The model and data travel inside the uploaded folder, named by relative paths: the usual project layout
+    # (and the one where Ray re-extracting the working_dir under the running driver used to break it).
+    shutil.copytree(tiny_model, tmp_path / "model")
+    shutil.copytree(tiny_data, tmp_path / "data")
+    job = tiny_job(tmp_path, Path("model"), Path("data"), tracking={"uri": mlflow_server, "experiment": "two-nodes"},
                    scaling={"num_workers": 2, "placement_strategy": "STRICT_SPREAD"}, train={"epochs": 1})
     write_job(tmp_path / "job.yaml", job)
     done = submit(two_nodes, tmp_path, "job.yaml", "--address", two_nodes["address"])
