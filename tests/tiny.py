@@ -36,18 +36,24 @@ def write_tiny_model(folder: Path, seed: int = 0, pretrain_steps: int = 80) -> P
     model = BertForSequenceClassification(config.__class__(**{**config.to_dict(), "num_labels": len(TOPICS)}))
     rows = tiny_rows(256, seed=1000 + seed)
     batch = tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt")
-    labels = torch.tensor([list(TOPICS).index(r["label"]) for r in rows])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    _pretrain(model, batch, torch.tensor([list(TOPICS).index(r["label"]) for r in rows]), pretrain_steps, 3e-3, seed)
+    model.bert.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _pretrain(model, batch, labels, steps: int, lr: float, seed: int) -> None:
+    """Full training for a few seeded steps on random 32-row picks of a tokenised batch."""
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(pretrain_steps):
-        pick = torch.randint(0, len(rows), (32,), generator=generator)
+    for _ in range(steps):
+        pick = torch.randint(0, len(labels), (32,), generator=generator)
         model(input_ids=batch["input_ids"][pick], attention_mask=batch["attention_mask"][pick],
               labels=labels[pick]).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    model.bert.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def tiny_rows(count: int, seed: int) -> list[dict[str, str]]:
@@ -129,14 +135,7 @@ def write_tiny_llama(folder: Path, seed: int = 0, pretrain_steps: int = 150) -> 
              for r in tiny_chat_rows(256, seed=1000 + seed)]
     batch = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(pretrain_steps):
-        pick = torch.randint(0, len(texts), (32,), generator=generator)
-        model(input_ids=batch["input_ids"][pick], attention_mask=batch["attention_mask"][pick],
-              labels=labels[pick]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    _pretrain(model, batch, labels, pretrain_steps, 1e-2, seed)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
