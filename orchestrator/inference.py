@@ -23,7 +23,10 @@ class LoadedAdapter:
     folder: str
     model: object  # peft.PeftModel, in eval mode
     tokenizer: object
-    chat: bool  # trained on chat data: prompts are wrapped in the chat template
+    task: str  # causal_lm or sequence_classification
+    base: ModelSpec
+    chat: bool = False  # a causal LM trained on chat data: prompts are wrapped in the chat template
+    labels: list[str] | None = None  # a classifier's label names, in its head's order
 
 
 def adapter_folder(reference: str, tracking_uri: str | None) -> str:
@@ -41,50 +44,71 @@ def adapter_folder(reference: str, tracking_uri: str | None) -> str:
     return reference
 
 
-def base_model_spec(folder: str, base: str | None) -> ModelSpec:
+def base_model_spec(folder: str, base: str | None, task: str) -> ModelSpec:
     """The base the adapter was trained on, as a :class:`ModelSpec`."""
     saved = Path(folder, "orchestrator_job.yaml")
     if base:
-        return ModelSpec(path=base, task="causal_lm")
+        return ModelSpec(path=base, task=task)
     if saved.is_file():
         model = yaml.safe_load(saved.read_text())["model"]
-        return ModelSpec(path=model["path"], gguf_file=model.get("gguf_file"), task=model.get("task", "causal_lm"),
+        return ModelSpec(path=model["path"], gguf_file=model.get("gguf_file"), task=task,
                          trust_remote_code=model.get("trust_remote_code", False))
     recorded = json.loads(Path(folder, "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not recorded:
         raise SpecError(f"--base: {folder} does not say which base model it adapts; pass --base MODEL_FOLDER")
-    return ModelSpec(path=recorded, task="causal_lm")
+    return ModelSpec(path=recorded, task=task)
 
 
-def load_causal_adapter(reference: str, base: str | None = None, tracking_uri: str | None = None) -> LoadedAdapter:
-    """Loads base + adapter for generation.
+TASK_TYPES = {"CAUSAL_LM": "causal_lm", "SEQ_CLS": "sequence_classification"}
+
+
+def load_adapter(reference: str, base: str | None = None, tracking_uri: str | None = None,
+                 task: str | None = None) -> LoadedAdapter:
+    """Loads base + adapter (a folder or a registry URI) in eval mode, on this process's CPU or GPU.
 
     Raises:
-        SpecError: an adapter that is not a causal LM adapter, or a base that does not fit it.
+        SpecError: not a PEFT adapter, a task other than ``task``, or a base it does not fit.
     """
+    import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from orchestrator.modeling import check_adapter_task, model_folder
+    from orchestrator.modeling import adapter_labels, model_folder
 
     folder = adapter_folder(reference, tracking_uri)
-    try:
-        check_adapter_task(folder, "CAUSAL_LM")
-    except SpecError as error:
-        raise SpecError(str(error).replace("model.adapter", "--adapter").replace("this job", "generate")) from None
-    model_spec = base_model_spec(folder, base)
-    base_model = AutoModelForCausalLM.from_pretrained(model_folder(model_spec), use_safetensors=True,
-                                                      trust_remote_code=model_spec.trust_remote_code)
+    task_type = json.loads(Path(folder, "adapter_config.json").read_text()).get("task_type")
+    found = TASK_TYPES.get(task_type or "")
+    if found is None or (task and found != task):
+        wanted = f"a {task} adapter" if task else "a causal_lm or sequence_classification adapter"
+        raise SpecError(f"--adapter: {folder} is a {task_type} adapter; this command needs {wanted}")
+    spec = base_model_spec(folder, base, found)
+    labels = adapter_labels(folder)
+    if found == "sequence_classification":
+        if labels is None:
+            raise SpecError(f"--adapter: {folder} has no labels.json; it is not a classifier this project trained")
+        base_model = AutoModelForSequenceClassification.from_pretrained(
+            model_folder(spec), num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={n: i for i, n in enumerate(labels)}, use_safetensors=True, ignore_mismatched_sizes=True,
+            trust_remote_code=spec.trust_remote_code)
+    else:
+        base_model = AutoModelForCausalLM.from_pretrained(model_folder(spec), use_safetensors=True,
+                                                          trust_remote_code=spec.trust_remote_code)
     try:
         model = PeftModel.from_pretrained(base_model, folder).eval()
     except (RuntimeError, ValueError, KeyError) as error:  # shapes or module names do not match
-        raise SpecError(f"--adapter: {folder} does not fit the base {model_spec.path}: {str(error)[:300]}; "
+        raise SpecError(f"--adapter: {folder} does not fit the base {spec.path}: {str(error)[:300]}; "
                         "pass --base with the model it was trained on") from None
+    if torch.cuda.is_available():
+        model = model.to("cuda")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     saved = Path(folder, "orchestrator_job.yaml")
     fmt = yaml.safe_load(saved.read_text()).get("data", {}).get("format") if saved.is_file() else None
-    chat = fmt == "chat" and bool(getattr(tokenizer, "chat_template", None))
-    return LoadedAdapter(folder, model, tokenizer, chat)
+    chat = found == "causal_lm" and fmt == "chat" and bool(getattr(tokenizer, "chat_template", None))
+    return LoadedAdapter(folder, model, tokenizer, found, spec, chat, labels)
+
+
+def load_causal_adapter(reference: str, base: str | None = None, tracking_uri: str | None = None) -> LoadedAdapter:
+    return load_adapter(reference, base, tracking_uri, task="causal_lm")
 
 
 def complete(loaded: LoadedAdapter, prompt: str, max_new_tokens: int, raw: bool = False) -> str:
@@ -98,3 +122,78 @@ def complete(loaded: LoadedAdapter, prompt: str, max_new_tokens: int, raw: bool 
     if loaded.tokenizer.pad_token_id is None:
         loaded.tokenizer.pad_token = loaded.tokenizer.eos_token
     return generate(loaded.model, loaded.tokenizer, [text], max_new_tokens, add_special_tokens=not chat)[0]
+
+
+PROBE_TEXTS = ["the order arrived late and the box was damaged", "how do I reset my password",
+               "What is the capital of Peru?", "thanks, that fixed it"]
+MERGE_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 5e-3}  # largest |merged - unmerged| logit
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    folder: str
+    max_abs_diff: float
+    tolerance: float
+    dtype: str
+
+
+def merge_adapter(loaded: LoadedAdapter, out: str, max_shard_size: str = "2GB") -> MergeReport:
+    """W <- W + scale * B @ A into the base, checked on a probe batch, saved as a standalone model.
+
+    The merged model's logits on :data:`PROBE_TEXTS` must match the unmerged adapter's within the dtype's
+    tolerance (fp32: 1e-4) or nothing is written. The folder is written beside ``out`` and renamed into place,
+    so ``out`` is either complete (safetensors, sharded above ``max_shard_size``, config, tokenizer, labels) or
+    absent.
+
+    Raises:
+        SpecError: ``out`` exists and is not empty, or the base is quantized (merging would need to
+            dequantize it; the result would not be the quantized model the adapter was trained on).
+    """
+    import shutil
+    import tempfile
+
+    import torch
+
+    target = Path(out)
+    if target.exists() and any(target.iterdir()):
+        raise SpecError(f"--out: {out} exists and is not empty; give a new folder")
+    base = loaded.model.get_base_model()
+    if getattr(base.config, "quantization_config", None) or getattr(base, "is_quantized", False):
+        raise SpecError(f"merge: the base model {loaded.base.path} is quantized; merging LoRA into quantized weights "
+                        "is refused (it would silently dequantize). Load an unquantized base with --base, or serve "
+                        "the adapter unmerged (orchestrator export --format peft)")
+    tokenizer = loaded.tokenizer
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = next(loaded.model.parameters()).device
+    probe = {k: v.to(device) for k, v in tokenizer(PROBE_TEXTS, padding=True, return_tensors="pt").items()}
+    with torch.inference_mode():
+        unmerged = loaded.model(**probe).logits.float()
+        merged_model = loaded.model.merge_and_unload()
+        merged = merged_model(**probe).logits.float()
+    dtype = str(next(merged_model.parameters()).dtype).removeprefix("torch.")
+    mask = probe["attention_mask"].bool()
+    difference = (merged - unmerged).abs()
+    difference = difference[mask] if difference.dim() == 3 else difference  # padding positions are not outputs
+    max_abs_diff = float(difference.max())
+    tolerance = MERGE_TOLERANCE.get(dtype, 1e-4)
+    if not max_abs_diff <= tolerance:
+        raise RuntimeError(f"merged and unmerged outputs differ by {max_abs_diff:.3g} (> {tolerance:g} for {dtype}); "
+                           "nothing written")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        merged_model.save_pretrained(partial, safe_serialization=True, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(partial)
+        if loaded.labels is not None:
+            from orchestrator.modeling import LABELS_FILE
+
+            (partial / LABELS_FILE).write_text(json.dumps(loaded.labels, indent=1))
+        (partial / "MERGED_FROM").write_text(f"adapter {loaded.folder}\nbase {loaded.base.path}\n"
+                                             f"max |merged - unmerged| logit on the probe batch: {max_abs_diff:.3g}\n")
+        if target.exists():
+            target.rmdir()  # empty, checked above
+        os.replace(partial, target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return MergeReport(str(target), max_abs_diff, tolerance, dtype)

@@ -1,0 +1,91 @@
+"""`orchestrator merge` by invariant: the merged standalone model (no PEFT) gives the unmerged adapter's outputs,
+differs from the base (the check is not vacuous), shards when asked, and refuses what it cannot do cleanly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator.cli import EXIT_BAD_INPUT, main
+from orchestrator.inference import PROBE_TEXTS, load_adapter, merge_adapter
+from orchestrator.session import LocalContext
+from orchestrator.spec import SpecError, spec_from_dict
+from orchestrator.train_loop import train_worker
+from tests.tiny import tiny_job, tiny_lm_job
+
+TEXTS = ["my invoice is late again", "the screen is broken", "why is my parcel late", "my password is locked"]
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_model, tiny_data, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("merge-cls")
+    spec = spec_from_dict(tiny_job(root, tiny_model, tiny_data, scaling={"num_workers": 1}, train={"epochs": 2}))
+    train_worker(spec, LocalContext(str(root / "ckpt")), None, None)
+    return Path(spec.output_dir, "adapter")
+
+
+@pytest.fixture(scope="module")
+def causal(tiny_llama, tiny_chats, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("merge-lm")
+    spec = spec_from_dict(tiny_lm_job(root, tiny_llama, tiny_chats, scaling={"num_workers": 1},
+                                      train={"epochs": 1, "learning_rate": 0.02}, generation={"num_prompts": 0}))
+    train_worker(spec, LocalContext(str(root / "ckpt")), None, None)
+    return Path(spec.output_dir, "adapter")
+
+
+def _logits(model, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        return model(**batch).logits.float(), batch["attention_mask"].bool()
+
+
+@pytest.mark.parametrize("kind", ["classifier", "causal"])
+def test_merged_equals_unmerged_and_loads_without_peft(request, kind, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    adapter = request.getfixturevalue(kind)
+    loaded = load_adapter(str(adapter))
+    unmerged, mask = _logits(loaded.model, loaded.tokenizer, TEXTS + PROBE_TEXTS)
+    with loaded.model.disable_adapter():
+        base, _ = _logits(loaded.model, loaded.tokenizer, TEXTS + PROBE_TEXTS)
+
+    assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+    assert "max |merged - unmerged| logit" in capsys.readouterr().out
+    auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
+    standalone = auto.from_pretrained(tmp_path / "merged").eval()  # plain transformers: no PEFT, no adapter files
+    assert not any("lora" in name for name, _ in standalone.named_parameters())
+    merged, _ = _logits(standalone, AutoTokenizer.from_pretrained(tmp_path / "merged"), TEXTS + PROBE_TEXTS)
+    rows = mask if merged.dim() == 3 else slice(None)  # causal LM logits: compare real tokens, not padding
+    assert (merged[rows] - unmerged[rows]).abs().max() <= 1e-4
+    assert (base[rows] - unmerged[rows]).abs().max() > 1e-3  # the adapter changed the outputs: not vacuous
+    if kind == "classifier":
+        assert json.loads((tmp_path / "merged" / "labels.json").read_text()) == loaded.labels
+
+
+def test_a_large_model_is_sharded(classifier, tmp_path):
+    report = merge_adapter(load_adapter(str(classifier)), str(tmp_path / "sharded"), max_shard_size="30KB")
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert report.max_abs_diff <= 1e-4
+
+
+def test_refusals_write_nothing(classifier, causal, tmp_path, capsys):
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    assert main(["merge", "--adapter", str(classifier), "--out", str(occupied)]) == EXIT_BAD_INPUT
+    assert "not empty" in capsys.readouterr().err and [p.name for p in occupied.iterdir()] == ["keep.txt"]
+
+    loaded = load_adapter(str(causal))
+    loaded.model.get_base_model().config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    with pytest.raises(SpecError, match="quantized"):
+        merge_adapter(loaded, str(tmp_path / "from-4bit"))
+    assert not (tmp_path / "from-4bit").exists() and not list(tmp_path.glob(".from-4bit-*"))
+
+    with pytest.raises(SpecError, match="causal_lm adapter"):
+        load_adapter(str(classifier), task="causal_lm")
