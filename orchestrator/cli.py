@@ -196,6 +196,22 @@ def _generate(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from orchestrator.evaluation import evaluate_file
+    from orchestrator.inference import load_adapter
+
+    result = evaluate_file(load_adapter(args.adapter, args.base, args.tracking_uri), args.data, args.out,
+                           args.batch_size)
+    shown = ("accuracy", "macro_f1", "loss") if "accuracy" in result else ("loss", "perplexity")
+    print(f"{args.data}: {result['examples']} examples  " + "  ".join(f"{k} {result[k]:.4f}" for k in shown))
+    for row in result.get("per_class", []):
+        print(f"  {row['label'][:40]:<40} precision {row['precision']:.3f}  recall {row['recall']:.3f}  "
+              f"f1 {row['f1']:.3f}  support {row['support']}")
+    if args.out:
+        print(f"wrote {args.out}/metrics.json" + (" and confusion_matrix.png" if "accuracy" in result else ""))
+    return 0
+
+
 def _merge(args) -> int:
     from orchestrator.inference import load_adapter, merge_adapter
 
@@ -285,6 +301,18 @@ def build_parser() -> argparse.ArgumentParser:
     speak.add_argument("--tracking-uri", help="MLflow registry URI for models:/ (default: $MLFLOW_TRACKING_URI)")
     speak.add_argument("-v", "--verbose", action="store_true", help="show the libraries' logs")
     speak.set_defaults(handler=_generate)
+    score = commands.add_parser("eval", help="metrics of an adapter on a data file (classification or causal LM)",
+                                description="Classification: accuracy, macro-F1, loss, per-class report, confusion "
+                                            "matrix PNG; causal LM: loss and perplexity on the trained tokens. "
+                                            "Columns and format default to the adapter's training job.")
+    score.add_argument("--adapter", required=True, help="adapter folder, or models:/NAME@alias | models:/NAME/VERSION")
+    score.add_argument("--data", required=True, help=".jsonl, .csv, .parquet or a datasets folder")
+    score.add_argument("--out", help="folder for metrics.json (and confusion_matrix.png)")
+    score.add_argument("--base", help="base model folder (default: the one the adapter was trained on)")
+    score.add_argument("--batch-size", type=int, default=32)
+    score.add_argument("--tracking-uri", help="MLflow registry URI for models:/ (default: $MLFLOW_TRACKING_URI)")
+    score.add_argument("-v", "--verbose", action="store_true", help="show the libraries' logs")
+    score.set_defaults(handler=_eval)
     fold = commands.add_parser("merge", help="merge a LoRA adapter into its base: a standalone model for serving",
                                description="W <- W + (alpha/r) B A, checked against the unmerged adapter on a probe "
                                            "batch, saved as safetensors (sharded when large) with the tokenizer.")

@@ -48,3 +48,106 @@ def evaluate_adapter(folder: str, base_model: str, split: Split, label_names: li
                                                             reduction="none").tolist()
     result = classification_metrics(predictions, split.labels, len(label_names))
     return {**result, "loss": sum(losses) / max(len(losses), 1)}
+
+
+def evaluate_file(loaded, data_path: str, out_dir: str | None = None, batch_size: int = 32,
+                  max_length: int | None = None) -> dict:
+    """``orchestrator eval``: the task's metrics for a loaded adapter on a data file, with a progress bar.
+
+    Classification: accuracy, macro-F1, loss, a per-class report and a confusion-matrix PNG (labels matched by
+    name; rows with labels the adapter never learned count as errors). Causal LM: token-weighted loss and
+    perplexity over the trained tokens, as in training. The data file's columns and format default to the ones
+    the adapter was trained with (its saved job). Files go to ``out_dir`` when given.
+    """
+    import json
+    from pathlib import Path
+
+    import torch
+    import yaml
+    from rich.progress import Progress
+
+    from orchestrator.metrics import confusion_matrix, per_class_report
+    from orchestrator.spec import DataSpec
+
+    saved = Path(loaded.folder, "orchestrator_job.yaml")
+    trained = yaml.safe_load(saved.read_text()).get("data", {}) if saved.is_file() else {}
+    keys = ("text_column", "label_column", "format", "prompt_column", "completion_column", "messages_column",
+            "train_on", "max_length")
+    data = DataSpec(train=data_path, **{k: trained[k] for k in keys if k in trained},
+                    **({"max_length": max_length} if max_length else {}))
+    device = next(loaded.model.parameters()).device
+    result: dict = {"adapter": loaded.folder, "data": data_path}
+    with Progress(transient=True) as progress, torch.inference_mode():
+        if loaded.task == "causal_lm":
+            from orchestrator.data import _read_table
+            from orchestrator.lm_data import LMSplit, _records, collate, detect_format, encode_split
+            from orchestrator.tasks import lm_eval_rows, lm_metrics
+
+            frame = _read_table(data_path, "--data")
+            fmt = detect_format(list(map(str, frame.columns)), data)
+            split = LMSplit("eval", data_path, _records(data_path, "--data", fmt, data, frame), "")
+            if loaded.tokenizer.pad_token_id is None:
+                loaded.tokenizer.pad_token = loaded.tokenizer.eos_token
+            rows, dropped = encode_split(split, loaded.tokenizer, data)
+            done, sums = progress.add_task("eval", total=len(rows)), []
+            for start in range(0, len(rows), batch_size):
+                batch = collate(rows[start:start + batch_size], loaded.tokenizer.pad_token_id, isolated=False)
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                sums += lm_eval_rows(loaded.model(**batch).logits, batch)
+                progress.advance(done, len(batch["input_ids"]))
+            result.update(lm_metrics(sums), examples=len(rows), skipped=dropped)
+        else:
+            from orchestrator.data import _read_columns
+
+            texts, names = _read_columns(data_path, "--data", data)
+            index = {name: i for i, name in enumerate(loaded.labels)}
+            unknown = len(loaded.labels)  # an extra class for labels the adapter never learned
+            labels = [index.get(name, unknown) for name in names]
+            done, predictions, losses = progress.add_task("eval", total=len(texts)), [], []
+            for start in range(0, len(texts), batch_size):
+                batch = loaded.tokenizer(texts[start:start + batch_size], truncation=True, padding=True,
+                                         max_length=data.max_length, return_tensors="pt").to(device)
+                logits = loaded.model(**batch).logits.float()
+                predictions += logits.argmax(-1).tolist()
+                for row, y in zip(logits, labels[start:start + batch_size]):
+                    if y != unknown:
+                        losses.append(float(torch.nn.functional.cross_entropy(row[None], torch.tensor([y]))))
+                progress.advance(done, len(batch["input_ids"]))
+            classes = list(loaded.labels) + (["(unknown to the adapter)"] if unknown in labels else [])
+            report = per_class_report(predictions, labels, classes)
+            result.update({"accuracy": sum(p == y for p, y in zip(predictions, labels)) / len(labels),
+                           "macro_f1": sum(r["f1"] for r in report if r["support"]) / sum(
+                               1 for r in report if r["support"]),
+                           "loss": sum(losses) / max(1, len(losses)), "examples": len(labels),
+                           "per_class": report,
+                           "confusion_matrix": confusion_matrix(predictions, labels, len(classes)),
+                           "classes": classes})
+    if out_dir:
+        folder = Path(out_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.json").write_text(json.dumps(result, indent=1))
+        if "confusion_matrix" in result:
+            _confusion_png(result["confusion_matrix"], result["classes"], folder / "confusion_matrix.png")
+    return result
+
+
+def _confusion_png(counts: list[list[int]], classes: list[str], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = max(4.0, 0.35 * len(classes) + 2)
+    figure, axes = plt.subplots(figsize=(size, size))
+    axes.imshow(counts, cmap="Blues")
+    axes.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+    axes.set_yticks(range(len(classes)), classes, fontsize=7)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    for i, row in enumerate(counts):
+        for j, count in enumerate(row):
+            if count:
+                axes.text(j, i, str(count), ha="center", va="center", fontsize=6)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -16,3 +16,24 @@ def classification_metrics(predictions: list[int], labels: list[int], num_labels
             continue
         f1s.append(2 * tp / (predicted + actual))
     return {"accuracy": correct / len(labels), "macro_f1": sum(f1s) / len(f1s)}
+
+
+def per_class_report(predictions: list[int], labels: list[int], names: list[str]) -> list[dict[str, float | str]]:
+    """Precision, recall, F1 and support of every class (a row per class, in ``names`` order)."""
+    rows = []
+    for cls, name in enumerate(names):
+        tp = sum(p == cls and y == cls for p, y in zip(predictions, labels))
+        predicted, actual = predictions.count(cls), labels.count(cls)
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * tp / (predicted + actual) if predicted + actual else 0.0
+        rows.append({"label": name, "precision": precision, "recall": recall, "f1": f1, "support": actual})
+    return rows
+
+
+def confusion_matrix(predictions: list[int], labels: list[int], num_labels: int) -> list[list[int]]:
+    """counts[true][predicted]."""
+    counts = [[0] * num_labels for _ in range(num_labels)]
+    for p, y in zip(predictions, labels):
+        counts[y][p] += 1
+    return counts

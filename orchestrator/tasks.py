@@ -90,18 +90,10 @@ class CausalLM:
         return collate(rows, self.tokenizer.pad_token_id, isolated), sum(len(r) for r in rows)
 
     def eval_rows(self, logits, batch: dict[str, Any]) -> list[tuple]:
-        """(summed negative log-likelihood, trained tokens) per row: the prediction of token t+1 at t."""
-        import torch
-
-        shifted = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), shifted,
-                                                ignore_index=-100, reduction="none")
-        counts = (shifted != -100).sum(-1)
-        return list(zip(nll.sum(-1).tolist(), counts.tolist()))
+        return lm_eval_rows(logits, batch)
 
     def metrics(self, rows: list[tuple]) -> dict[str, float]:
-        loss = sum(r[0] for r in rows) / max(1, sum(r[1] for r in rows))
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        return lm_metrics(rows)
 
     @property
     def prompts_have_special_tokens(self) -> bool:
@@ -120,6 +112,23 @@ class CausalLM:
             return [(p, p) for p in generation.prompts]
         records = self.data.validation.records[:generation.num_prompts]
         return [(_readable(r), prompt_text(r, self.tokenizer)) for r in records]
+
+
+def lm_eval_rows(logits, batch: dict[str, Any]) -> list[tuple]:
+    """(summed negative log-likelihood, trained tokens) per row: the prediction of token t+1 at t."""
+    import torch
+
+    shifted = batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), shifted,
+                                            ignore_index=-100, reduction="none")
+    counts = (shifted != -100).sum(-1)
+    return list(zip(nll.sum(-1).tolist(), counts.tolist()))
+
+
+def lm_metrics(rows: list[tuple]) -> dict[str, float]:
+    """Token-weighted loss over every trained token, and its perplexity."""
+    loss = sum(r[0] for r in rows) / max(1, sum(r[1] for r in rows))
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
 def _readable(record: dict[str, Any]) -> str:

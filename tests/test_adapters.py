@@ -1,5 +1,6 @@
-"""`orchestrator merge` by invariant: the merged standalone model (no PEFT) gives the unmerged adapter's outputs,
-differs from the base (the check is not vacuous), shards when asked, and refuses what it cannot do cleanly."""
+"""Using adapters, by invariant: `merge` gives a standalone model (no PEFT) with the unmerged adapter's outputs
+that differ from the base (the check is not vacuous), shards when asked and refuses what it cannot do cleanly;
+`eval` reproduces what training measured on the same rows."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ TEXTS = ["my invoice is late again", "the screen is broken", "why is my parcel l
 def classifier(tiny_model, tiny_data, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("merge-cls")
     spec = spec_from_dict(tiny_job(root, tiny_model, tiny_data, scaling={"num_workers": 1}, train={"epochs": 2}))
-    train_worker(spec, LocalContext(str(root / "ckpt")), None, None)
+    final = train_worker(spec, LocalContext(str(root / "ckpt")), None, None)
+    (root / "final.json").write_text(json.dumps(final))  # what training measured, for the eval tests
     return Path(spec.output_dir, "adapter")
 
 
@@ -32,8 +34,13 @@ def causal(tiny_llama, tiny_chats, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("merge-lm")
     spec = spec_from_dict(tiny_lm_job(root, tiny_llama, tiny_chats, scaling={"num_workers": 1},
                                       train={"epochs": 1, "learning_rate": 0.02}, generation={"num_prompts": 0}))
-    train_worker(spec, LocalContext(str(root / "ckpt")), None, None)
+    final = train_worker(spec, LocalContext(str(root / "ckpt")), None, None)
+    (root / "final.json").write_text(json.dumps(final))
     return Path(spec.output_dir, "adapter")
+
+
+def _trained(adapter: Path) -> dict:
+    return json.loads((adapter.parent.parent / "final.json").read_text())
 
 
 def _logits(model, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,3 +96,25 @@ def test_refusals_write_nothing(classifier, causal, tmp_path, capsys):
 
     with pytest.raises(SpecError, match="causal_lm adapter"):
         load_adapter(str(classifier), task="causal_lm")
+
+
+def test_eval_reports_the_metrics_training_measured(classifier, tiny_data, tmp_path, capsys):
+    assert main(["eval", "--adapter", str(classifier), "--data", str(tiny_data / "test.jsonl"),
+                 "--out", str(tmp_path / "eval")]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert f"accuracy {metrics['accuracy']:.4f}" in out and metrics["examples"] == 64
+    assert [row["label"] for row in metrics["per_class"]] == json.loads((classifier / "labels.json").read_text())
+    assert sum(sum(row) for row in metrics["confusion_matrix"]) == 64
+    assert sum(metrics["confusion_matrix"][i][i] for i in range(4)) / 64 == pytest.approx(metrics["accuracy"])
+    assert (tmp_path / "eval" / "confusion_matrix.png").stat().st_size > 1000
+    assert metrics["accuracy"] == pytest.approx(_trained(classifier)["test_accuracy"])  # same rows, same model
+
+
+def test_eval_of_a_causal_lm_gives_the_training_loop_validation_loss(causal, tiny_chats, capsys):
+    assert main(["eval", "--adapter", str(causal), "--data", str(tiny_chats / "validation.jsonl"),
+                 "--batch-size", "5"]) == 0  # batches unlike training's: padding must not change the loss
+    words = capsys.readouterr().out.split()
+    loss, perplexity = float(words[words.index("loss") + 1]), float(words[words.index("perplexity") + 1])
+    assert loss == pytest.approx(_trained(causal)["eval_loss"], abs=1e-4)
+    assert perplexity == pytest.approx(_trained(causal)["eval_perplexity"], abs=1e-3)
