@@ -229,6 +229,15 @@ def _schema(_args) -> int:
     return 0
 
 
+def _adapter_arguments(command: argparse.ArgumentParser) -> None:
+    """What every command that uses a trained adapter takes."""
+    command.add_argument("--adapter", required=True,
+                         help="adapter folder, or models:/NAME@alias | models:/NAME/VERSION")
+    command.add_argument("--base", help="base model folder (default: the one the adapter was trained on)")
+    command.add_argument("--tracking-uri", help="MLflow registry URI for models:/ (default: $MLFLOW_TRACKING_URI)")
+    command.add_argument("-v", "--verbose", action="store_true", help="show the libraries' logs")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orchestrator", description="Distributed LoRA fine-tuning on Ray.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -294,34 +303,25 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Loads the adapter's base model (from the job saved with it) and the "
                                             "adapter, and prints one completion per prompt.")
     speak.add_argument("prompts", nargs="+", metavar="PROMPT")
-    speak.add_argument("--adapter", required=True, help="adapter folder, or models:/NAME@alias | models:/NAME/VERSION")
-    speak.add_argument("--base", help="base model folder (default: the one the adapter was trained on)")
     speak.add_argument("--max-new-tokens", type=int, default=64)
     speak.add_argument("--raw", action="store_true", help="send the prompt as is, not through the chat template")
-    speak.add_argument("--tracking-uri", help="MLflow registry URI for models:/ (default: $MLFLOW_TRACKING_URI)")
-    speak.add_argument("-v", "--verbose", action="store_true", help="show the libraries' logs")
+    _adapter_arguments(speak)
     speak.set_defaults(handler=_generate)
     score = commands.add_parser("eval", help="metrics of an adapter on a data file (classification or causal LM)",
                                 description="Classification: accuracy, macro-F1, loss, per-class report, confusion "
                                             "matrix PNG; causal LM: loss and perplexity on the trained tokens. "
                                             "Columns and format default to the adapter's training job.")
-    score.add_argument("--adapter", required=True, help="adapter folder, or models:/NAME@alias | models:/NAME/VERSION")
     score.add_argument("--data", required=True, help=".jsonl, .csv, .parquet or a datasets folder")
     score.add_argument("--out", help="folder for metrics.json (and confusion_matrix.png)")
-    score.add_argument("--base", help="base model folder (default: the one the adapter was trained on)")
     score.add_argument("--batch-size", type=int, default=32)
-    score.add_argument("--tracking-uri", help="MLflow registry URI for models:/ (default: $MLFLOW_TRACKING_URI)")
-    score.add_argument("-v", "--verbose", action="store_true", help="show the libraries' logs")
+    _adapter_arguments(score)
     score.set_defaults(handler=_eval)
     fold = commands.add_parser("merge", help="merge a LoRA adapter into its base: a standalone model for serving",
                                description="W <- W + (alpha/r) B A, checked against the unmerged adapter on a probe "
                                            "batch, saved as safetensors (sharded when large) with the tokenizer.")
-    fold.add_argument("--adapter", required=True, help="adapter folder, or models:/NAME@alias | models:/NAME/VERSION")
     fold.add_argument("--out", required=True, help="a new folder")
-    fold.add_argument("--base", help="base model folder (default: the one the adapter was trained on)")
     fold.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
-    fold.add_argument("--tracking-uri", help="MLflow registry URI for models:/ (default: $MLFLOW_TRACKING_URI)")
-    fold.add_argument("-v", "--verbose", action="store_true", help="show the libraries' logs")
+    _adapter_arguments(fold)
     fold.set_defaults(handler=_merge)
     schema = commands.add_parser("schema", help="print the JSON Schema of job files")
     schema.set_defaults(handler=_schema, verbose=False)
