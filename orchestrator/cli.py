@@ -212,6 +212,26 @@ def _eval(args) -> int:
     return 0
 
 
+def _predict(args) -> int:
+    from orchestrator.inference import load_adapter, predict_rows, read_rows, write_jsonl
+    from orchestrator.spec import SpecError
+
+    if bool(args.data) == bool(args.text):
+        raise SpecError("predict: give --data FILE --out FILE, or --text 'one line'")
+    if args.data and not args.out:
+        raise SpecError("--out: required with --data (a .jsonl file to write)")
+    loaded = load_adapter(args.adapter, args.base, args.tracking_uri)
+    if args.text:
+        row = {"text": args.text, "prompt": args.text}
+        result = predict_rows(loaded, [row], max_new_tokens=args.max_new_tokens)[0]
+        print(result.get("completion") or f"{result['label']}  {result['score']:.4f}")
+        return 0
+    rows = read_rows(args.data)
+    write_jsonl(predict_rows(loaded, rows, args.batch_size, args.max_new_tokens), args.out)
+    print(f"wrote {len(rows)} predictions to {args.out}")
+    return 0
+
+
 def _merge(args) -> int:
     from orchestrator.inference import load_adapter, merge_adapter
 
@@ -316,6 +336,17 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=int, default=32)
     _adapter_arguments(score)
     score.set_defaults(handler=_eval)
+    guess = commands.add_parser("predict", help="batch inference with an adapter: labels and scores, or completions",
+                                description="Reads JSONL/CSV/Parquet, writes JSONL: each input row plus label, score "
+                                            "and top labels (classifier) or completion (causal LM). --text for one "
+                                            "line.")
+    guess.add_argument("--data", help="input .jsonl, .csv, .parquet or a datasets folder")
+    guess.add_argument("--out", help="output .jsonl (written atomically)")
+    guess.add_argument("--text", help="predict one line and print it")
+    guess.add_argument("--batch-size", type=int, default=32)
+    guess.add_argument("--max-new-tokens", type=int, default=64, help="causal LM: tokens to generate")
+    _adapter_arguments(guess)
+    guess.set_defaults(handler=_predict)
     fold = commands.add_parser("merge", help="merge a LoRA adapter into its base: a standalone model for serving",
                                description="W <- W + (alpha/r) B A, checked against the unmerged adapter on a probe "
                                            "batch, saved as safetensors (sharded when large) with the tokenizer.")

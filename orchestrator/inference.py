@@ -197,3 +197,91 @@ def merge_adapter(loaded: LoadedAdapter, out: str, max_shard_size: str = "2GB") 
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return MergeReport(str(target), max_abs_diff, tolerance, dtype)
+
+
+def predict_rows(loaded: LoadedAdapter, rows: list[dict], batch_size: int = 32, max_new_tokens: int = 64,
+                 top_k: int = 3) -> list[dict]:
+    """Predictions for plain rows: a classifier adds ``label``, ``score`` and the ``top`` labels with their
+    probabilities; a causal LM adds ``completion`` (greedy, batched with left padding). The input text comes
+    from the column the adapter was trained on (its saved job), else ``text`` / ``prompt`` / ``messages``."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)  # inference in this process: every core
+    saved = Path(loaded.folder, "orchestrator_job.yaml")
+    trained = yaml.safe_load(saved.read_text()).get("data", {}) if saved.is_file() else {}
+    device = next(loaded.model.parameters()).device
+    tokenizer = loaded.tokenizer
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    out: list[dict] = []
+    if loaded.task == "sequence_classification":
+        column = trained.get("text_column", "text")
+        texts = [_field(row, column, i) for i, row in enumerate(rows)]
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start:start + batch_size], truncation=True, padding=True,
+                              max_length=trained.get("max_length", 512), return_tensors="pt").to(device)
+            with torch.inference_mode():
+                probabilities = loaded.model(**batch).logits.float().softmax(-1)
+            for row, p in zip(rows[start:start + batch_size], probabilities):
+                best = p.topk(min(top_k, len(loaded.labels)))
+                top = [{"label": loaded.labels[i], "score": round(float(s), 6)}
+                       for s, i in zip(best.values, best.indices)]
+                out.append({**row, "label": top[0]["label"], "score": top[0]["score"], "top": top})
+        return out
+    prompts = [_prompt(loaded, row, trained, i) for i, row in enumerate(rows)]
+    tokenizer.padding_side = "left"  # generation continues from the last real token of every row
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start:start + batch_size], padding=True, return_tensors="pt",
+                          add_special_tokens=not loaded.chat).to(device)
+        with torch.inference_mode():
+            generated = loaded.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                              pad_token_id=tokenizer.pad_token_id)
+        for row, ids in zip(rows[start:start + batch_size], generated[:, batch["input_ids"].shape[1]:]):
+            out.append({**row, "completion": tokenizer.decode(ids, skip_special_tokens=True).strip()})
+    return out
+
+
+def _field(row: dict, column: str, index: int) -> str:
+    value = row.get(column, row.get("text"))  # --text rows carry "text"
+    if not isinstance(value, str) or not value.strip():
+        raise SpecError(f"--data: row {index + 1} has no text in column '{column}' (the column the adapter was "
+                        f"trained on); columns: {', '.join(row)}")
+    return value
+
+
+def _prompt(loaded: LoadedAdapter, row: dict, trained: dict, index: int) -> str:
+    from orchestrator.lm_data import _chat
+
+    if "messages" in row and loaded.chat:
+        messages = row["messages"]
+        messages = json.loads(messages) if isinstance(messages, str) else list(messages)
+        if messages and messages[-1].get("role") == "assistant":
+            messages = messages[:-1]  # predict the answer, not after it
+        return _chat(loaded.tokenizer, messages, add_generation_prompt=True)
+    column = next((c for c in (trained.get("prompt_column", "prompt"), "prompt", trained.get("text_column", "text"))
+                   if c in row), "prompt")
+    text = _field(row, column, index)
+    return _chat(loaded.tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True) \
+        if loaded.chat else text
+
+
+def read_rows(path: str) -> list[dict]:
+    """The rows of a JSONL / CSV / Parquet file (or datasets folder) as plain dicts."""
+    from orchestrator.data import _read_table
+
+    frame = _read_table(path, "--data")
+    if len(frame) == 0:
+        raise SpecError(f"--data: {path} has no rows")
+    return json.loads(frame.to_json(orient="records", force_ascii=False))
+
+
+def write_jsonl(rows: list[dict], path: str) -> None:
+    """Writes next to ``path`` and renames into place: a reader never sees half a file."""
+    import tempfile
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
+    with os.fdopen(handle, "w", encoding="utf-8") as file:
+        file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    os.replace(partial, target)

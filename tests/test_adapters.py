@@ -118,3 +118,40 @@ def test_eval_of_a_causal_lm_gives_the_training_loop_validation_loss(causal, tin
     loss, perplexity = float(words[words.index("loss") + 1]), float(words[words.index("perplexity") + 1])
     assert loss == pytest.approx(_trained(causal)["eval_loss"], abs=1e-4)
     assert perplexity == pytest.approx(_trained(causal)["eval_perplexity"], abs=1e-3)
+
+
+def test_predict_labels_every_row_as_eval_scores_them(classifier, tiny_data, tmp_path, capsys):
+    import pandas as pd
+
+    rows = [json.loads(line) for line in (tiny_data / "test.jsonl").read_text().splitlines()]
+    pd.DataFrame(rows).to_parquet(tmp_path / "test.parquet")  # the same rows through another reader
+    assert main(["predict", "--adapter", str(classifier), "--data", str(tmp_path / "test.parquet"),
+                 "--out", str(tmp_path / "preds.jsonl"), "--batch-size", "7"]) == 0
+    predictions = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
+    assert [p["text"] for p in predictions] == [r["text"] for r in rows]  # every row, in order, inputs kept
+    assert all(abs(sum(t["score"] for t in p["top"]) - 1) < 0.5 and p["top"][0]["label"] == p["label"]
+               for p in predictions)
+    accuracy = sum(p["label"] == r["label"] for p, r in zip(predictions, rows)) / len(rows)
+    assert accuracy == pytest.approx(_trained(classifier)["test_accuracy"])
+    capsys.readouterr()
+    assert main(["predict", "--adapter", str(classifier), "--text", "my invoice is wrong"]) == 0
+    assert capsys.readouterr().out.split()[0] in json.loads((classifier / "labels.json").read_text())
+
+
+def test_predict_generates_what_generate_prints(causal, tmp_path, capsys):
+    rows = [{"prompt": "question : my invoice late"}, {"prompt": "question : screen battery broken"}]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["predict", "--adapter", str(causal), "--data", str(tmp_path / "prompts.jsonl"),
+                 "--out", str(tmp_path / "out.jsonl"), "--max-new-tokens", "4", "--batch-size", "1"]) == 0
+    completions = [json.loads(line)["completion"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    capsys.readouterr()
+    assert main(["generate", "--adapter", str(causal), "--max-new-tokens", "4", *[r["prompt"] for r in rows]]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == completions
+
+
+def test_predict_refuses_data_without_the_text_column_and_writes_nothing(classifier, tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"words": "my invoice"}) + "\n")
+    assert main(["predict", "--adapter", str(classifier), "--data", str(tmp_path / "bad.jsonl"),
+                 "--out", str(tmp_path / "preds.jsonl")]) == EXIT_BAD_INPUT
+    assert "column 'text'" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
