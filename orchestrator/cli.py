@@ -232,6 +232,20 @@ def _predict(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from orchestrator.inference import export_peft, load_adapter, merge_adapter
+
+    if args.format == "peft":
+        folder = export_peft(args.adapter, args.out, args.tracking_uri)
+        print(f"exported: {folder} (PEFT adapter: serve it beside its base, e.g. vllm serve BASE --enable-lora "
+              f"--lora-modules NAME={folder})")
+        return 0
+    report = merge_adapter(load_adapter(args.adapter, args.base, args.tracking_uri), args.out, args.max_shard_size)
+    print(f"exported: {report.folder} (merged {report.dtype} model: serve it as any model, e.g. vllm serve "
+          f"{report.folder}; max |merged - unmerged| logit {report.max_abs_diff:.3g})")
+    return 0
+
+
 def _merge(args) -> int:
     from orchestrator.inference import load_adapter, merge_adapter
 
@@ -354,6 +368,15 @@ def build_parser() -> argparse.ArgumentParser:
     fold.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
     _adapter_arguments(fold)
     fold.set_defaults(handler=_merge)
+    ship = commands.add_parser("export", help="write an adapter the way serving engines load it",
+                               description="--format peft: the PEFT adapter files (multi-adapter serving on one "
+                                           "base); --format merged: a standalone merged model (single-task serving, "
+                                           "no added latency).")
+    ship.add_argument("--format", choices=("peft", "merged"), required=True)
+    ship.add_argument("--out", required=True, help="a new folder")
+    ship.add_argument("--max-shard-size", default="2GB", help="merged: safetensors shard size")
+    _adapter_arguments(ship)
+    ship.set_defaults(handler=_export)
     schema = commands.add_parser("schema", help="print the JSON Schema of job files")
     schema.set_defaults(handler=_schema, verbose=False)
     return parser

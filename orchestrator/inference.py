@@ -285,3 +285,34 @@ def write_jsonl(rows: list[dict], path: str) -> None:
     with os.fdopen(handle, "w", encoding="utf-8") as file:
         file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     os.replace(partial, target)
+
+
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "labels.json", "orchestrator_job.yaml",
+              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.txt",
+              "README.md")
+
+
+def export_peft(reference: str, out: str, tracking_uri: str | None = None) -> str:
+    """The adapter as serving engines load it for multi-adapter serving (vLLM ``--lora-modules``, TGI
+    ``LORA_ADAPTERS``, PEFT ``load_adapter``): the plain PEFT files, safetensors only, written atomically."""
+    import shutil
+    import tempfile
+
+    folder = Path(adapter_folder(reference, tracking_uri))
+    target = Path(out)
+    if target.exists() and any(target.iterdir()):
+        raise SpecError(f"--out: {out} exists and is not empty; give a new folder")
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise SpecError(f"--adapter: {folder} has no adapter_model.safetensors; only safetensors adapters are exported")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        for name in PEFT_FILES:
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, partial / name)
+        if target.exists():
+            target.rmdir()
+        os.replace(partial, target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return str(target)

@@ -155,3 +155,24 @@ def test_predict_refuses_data_without_the_text_column_and_writes_nothing(classif
                  "--out", str(tmp_path / "preds.jsonl")]) == EXIT_BAD_INPUT
     assert "column 'text'" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
+def test_export_writes_what_serving_engines_load(causal, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert main(["export", "--adapter", str(causal), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
+    files = {p.name for p in (tmp_path / "peft").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)  # safetensors only
+    loaded = load_adapter(str(causal))
+    exported = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(loaded.base.path),
+                                         tmp_path / "peft").eval()
+    original, mask = _logits(loaded.model, loaded.tokenizer, TEXTS)
+    again, _ = _logits(exported, loaded.tokenizer, TEXTS)
+    assert torch.equal(original[mask], again[mask])
+
+    assert main(["export", "--adapter", str(causal), "--format", "merged", "--out", str(tmp_path / "merged")]) == 0
+    assert "merged float32 model" in capsys.readouterr().out
+    merged = tmp_path / "merged"
+    assert (merged / "config.json").is_file() and not (merged / "adapter_config.json").exists()
