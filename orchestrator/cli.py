@@ -213,14 +213,18 @@ def _eval(args) -> int:
 
 
 def _predict(args) -> int:
-    from orchestrator.inference import load_adapter, predict_rows, read_rows, write_jsonl
+    from orchestrator.inference import add_adapters, load_adapter, predict_rows, read_rows, write_jsonl
     from orchestrator.spec import SpecError
 
     if bool(args.data) == bool(args.text):
         raise SpecError("predict: give --data FILE --out FILE, or --text 'one line'")
     if args.data and not args.out:
         raise SpecError("--out: required with --data (a .jsonl file to write)")
+    named = dict(item.partition("=")[::2] for item in args.also or [])
+    if any(not name or not ref for name, ref in named.items()):
+        raise SpecError("--also: write NAME=ADAPTER (a folder or models:/...), e.g. --also support=./out/adapter")
     loaded = load_adapter(args.adapter, args.base, args.tracking_uri)
+    add_adapters(loaded, named, args.tracking_uri)
     if args.text:
         row = {"text": args.text, "prompt": args.text}
         result = predict_rows(loaded, [row], max_new_tokens=args.max_new_tokens)[0]
@@ -357,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     guess.add_argument("--data", help="input .jsonl, .csv, .parquet or a datasets folder")
     guess.add_argument("--out", help="output .jsonl (written atomically)")
     guess.add_argument("--text", help="predict one line and print it")
+    guess.add_argument("--also", action="append", metavar="NAME=ADAPTER",
+                       help="more adapters on the same base; a row's 'adapter' field picks one (default: --adapter)")
     guess.add_argument("--batch-size", type=int, default=32)
     guess.add_argument("--max-new-tokens", type=int, default=64, help="causal LM: tokens to generate")
     _adapter_arguments(guess)

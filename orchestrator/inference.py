@@ -199,8 +199,49 @@ def merge_adapter(loaded: LoadedAdapter, out: str, max_shard_size: str = "2GB") 
     return MergeReport(str(target), max_abs_diff, tolerance, dtype)
 
 
+def add_adapters(loaded: LoadedAdapter, named: dict[str, str], tracking_uri: str | None = None) -> list[str]:
+    """Loads more adapters onto the same base model (PEFT named adapters), for switching per request; returns
+    the names, the first loaded one as ``default``.
+
+    Raises:
+        SpecError: an adapter of another task or for another base model.
+    """
+    for name, reference in named.items():
+        folder = adapter_folder(reference, tracking_uri)
+        config = json.loads(Path(folder, "adapter_config.json").read_text())
+        task = TASK_TYPES.get(config.get("task_type") or "")
+        base = base_model_spec(folder, None, task or loaded.task)
+        if task != loaded.task or base.path != loaded.base.path or base.gguf_file != loaded.base.gguf_file:
+            raise SpecError(f"--adapter {name}={reference}: a {task} adapter for {base.path}; the first adapter is a "
+                            f"{loaded.task} adapter for {loaded.base.path}: adapters switched per request must "
+                            "share one base model and task")
+        loaded.model.load_adapter(folder, adapter_name=name)
+    return ["default", *named]
+
+
 def predict_rows(loaded: LoadedAdapter, rows: list[dict], batch_size: int = 32, max_new_tokens: int = 64,
                  top_k: int = 3) -> list[dict]:
+    """Predictions for plain rows, each with the adapter its ``adapter`` field names (default: the first one);
+    rows are grouped by adapter, every group runs with only its adapter active, and the output keeps the input
+    order. See :func:`_predict_with`."""
+    names = getattr(loaded.model, "peft_config", {"default": None})
+    wanted = [row.get("adapter", "default") for row in rows]
+    unknown = sorted({name for name in wanted if name not in names})
+    if unknown:
+        raise SpecError(f"--data: rows name adapters {unknown}; loaded: {', '.join(names)}")
+    out: list[dict | None] = [None] * len(rows)
+    for name in dict.fromkeys(wanted):
+        loaded.model.set_adapter(name)
+        picked = [i for i, w in enumerate(wanted) if w == name]
+        for i, row in zip(picked, _predict_with(loaded, [rows[i] for i in picked], batch_size, max_new_tokens,
+                                                top_k)):
+            out[i] = row
+    loaded.model.set_adapter("default")
+    return out
+
+
+def _predict_with(loaded: LoadedAdapter, rows: list[dict], batch_size: int, max_new_tokens: int,
+                  top_k: int) -> list[dict]:
     """Predictions for plain rows: a classifier adds ``label``, ``score`` and the ``top`` labels with their
     probabilities; a causal LM adds ``completion`` (greedy, batched with left padding). The input text comes
     from the column the adapter was trained on (its saved job), else ``text`` / ``prompt`` / ``messages``."""

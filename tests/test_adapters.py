@@ -176,3 +176,46 @@ def test_export_writes_what_serving_engines_load(causal, tmp_path, capsys):
     assert "merged float32 model" in capsys.readouterr().out
     merged = tmp_path / "merged"
     assert (merged / "config.json").is_file() and not (merged / "adapter_config.json").exists()
+
+
+@pytest.fixture(scope="module")
+def causal_other(tiny_llama, tiny_chats, tmp_path_factory) -> Path:
+    """A second adapter on the same base, taught another answer ("billing billing" instead of "topic : billing")."""
+    root = tmp_path_factory.mktemp("merge-lm-other")
+    for split in ("train", "validation"):
+        rows = [json.loads(line) for line in (tiny_chats / f"{split}.jsonl").read_text().splitlines()]
+        for row in rows:
+            label = row["messages"][1]["content"].split()[-1]
+            row["messages"][1]["content"] = f"{label} {label}"
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = spec_from_dict(tiny_lm_job(root, tiny_llama, root, scaling={"num_workers": 1},
+                                      train={"epochs": 3, "learning_rate": 0.02}, generation={"num_prompts": 0}))
+    train_worker(spec, LocalContext(str(root / "ckpt")), None, None)
+    return Path(spec.output_dir, "adapter")
+
+
+def test_predict_switches_adapters_per_row_on_one_base(causal, causal_other, tmp_path, capsys):
+    prompts = ["question : my invoice late", "question : screen battery broken", "question : parcel courier"]
+    alone = {}
+    for name, adapter in (("topic", causal), ("twice", causal_other)):
+        (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+        assert main(["predict", "--adapter", str(adapter), "--data", str(tmp_path / "in.jsonl"),
+                     "--out", str(tmp_path / f"{name}.jsonl"), "--max-new-tokens", "3", "--batch-size", "1"]) == 0
+        alone[name] = [json.loads(line)["completion"] for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+    assert alone["topic"] != alone["twice"]  # two different adapters: the switching check is not vacuous
+
+    mixed = [{"prompt": p, "adapter": a} for p in prompts for a in ("default", "twice")]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mixed))
+    assert main(["predict", "--adapter", str(causal), "--also", f"twice={causal_other}", "--data",
+                 str(tmp_path / "mixed.jsonl"), "--out", str(tmp_path / "mixed-out.jsonl"), "--max-new-tokens", "3",
+                 "--batch-size", "1"]) == 0
+    out = [json.loads(line) for line in (tmp_path / "mixed-out.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["adapter"]) for r in out] == [(r["prompt"], r["adapter"]) for r in mixed]  # order kept
+    for row in out:
+        expected = alone["topic" if row["adapter"] == "default" else "twice"][prompts.index(row["prompt"])]
+        assert row["completion"] == expected
+
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "hi", "adapter": "nope"}) + "\n")
+    assert main(["predict", "--adapter", str(causal), "--data", str(tmp_path / "bad.jsonl"),
+                 "--out", str(tmp_path / "bad-out.jsonl")]) == EXIT_BAD_INPUT
+    assert "nope" in capsys.readouterr().err and not (tmp_path / "bad-out.jsonl").exists()
