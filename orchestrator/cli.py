@@ -209,6 +209,19 @@ def _eval(args) -> int:
               f"f1 {row['f1']:.3f}  support {row['support']}")
     if args.out:
         print(f"wrote {args.out}/metrics.json" + (" and confusion_matrix.png" if "accuracy" in result else ""))
+    if args.log_to_mlflow:
+        from orchestrator import registry
+        from orchestrator.tracking import log_evaluation_run, run_url
+
+        uri = registry.registry_uri(args.tracking_uri)
+        version = None
+        if registry.is_registry_ref(args.adapter):
+            ref = registry.parse_ref(args.adapter)
+            version = (ref.name, str(registry.get_version(registry.connect(uri), ref).version))
+        scalars = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        run_id = log_evaluation_run(uri, args.experiment, args.adapter, args.data, scalars, args.out, version)
+        linked = f" (linked to {version[0]} version {version[1]})" if version else ""
+        print(f"mlflow:  {run_url(uri, run_id)}{linked}")
     return 0
 
 
@@ -352,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--data", required=True, help=".jsonl, .csv, .parquet or a datasets folder")
     score.add_argument("--out", help="folder for metrics.json (and confusion_matrix.png)")
     score.add_argument("--batch-size", type=int, default=32)
+    score.add_argument("--log-to-mlflow", action="store_true",
+                       help="record a run with the metrics (and --out files) at --tracking-uri / $MLFLOW_TRACKING_URI; "
+                            "a models:/ adapter's version is tagged with them")
+    score.add_argument("--experiment", default="evaluations", help="MLflow experiment for --log-to-mlflow")
     _adapter_arguments(score)
     score.set_defaults(handler=_eval)
     guess = commands.add_parser("predict", help="batch inference with an adapter: labels and scores, or completions",

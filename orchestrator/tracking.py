@@ -260,3 +260,30 @@ def log_decision_run(uri: str, spec: JobSpec, run_name: str, params: dict[str, s
                      tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
     client.set_terminated(run.info.run_id, status="FINISHED")
     return run.info.run_id
+
+
+def log_evaluation_run(uri: str, experiment: str, adapter_ref: str, data_path: str, metrics: dict[str, float],
+                       folder: str | None, version: tuple[str, str] | None) -> str:
+    """``orchestrator eval --log-to-mlflow``: one finished run holding the metrics and report files, tagged with
+    the adapter it scored; for a registry adapter, linked both ways (the run names the model version, the
+    version gets the run id and the metrics as ``orchestrator.eval.*`` tags)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
+
+    client, now = MlflowClient(uri), int(time.time() * 1000)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    tags = {"orchestrator.adapter": adapter_ref, "orchestrator.eval_data": data_path, "mlflow.source.type": "JOB"}
+    if version:
+        tags.update({"orchestrator.model": version[0], "orchestrator.model_version": version[1]})
+    run = client.create_run(experiment_id, run_name=f"eval-{Path(data_path).stem}", tags=tags)
+    client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                     tags=[RunTag("orchestrator.eval_rows", str(metrics.get("examples", "")))])
+    if folder:
+        client.log_artifacts(run.info.run_id, folder, "evaluation")
+    client.set_terminated(run.info.run_id, status="FINISHED")
+    if version:
+        for key, value in {**{f"orchestrator.eval.{k}": f"{v:.6g}" for k, v in metrics.items()},
+                           "orchestrator.eval.run_id": run.info.run_id}.items():
+            client.set_model_version_tag(version[0], version[1], key, value)
+    return run.info.run_id

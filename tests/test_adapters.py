@@ -219,3 +219,27 @@ def test_predict_switches_adapters_per_row_on_one_base(causal, causal_other, tmp
     assert main(["predict", "--adapter", str(causal), "--data", str(tmp_path / "bad.jsonl"),
                  "--out", str(tmp_path / "bad-out.jsonl")]) == EXIT_BAD_INPUT
     assert "nope" in capsys.readouterr().err and not (tmp_path / "bad-out.jsonl").exists()
+
+
+def test_eval_logs_a_run_linked_to_the_registry_version(classifier, tiny_data, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from orchestrator.registry import register_adapter
+
+    uri = f"sqlite:///{tmp_path}/registry.db"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("train", artifact_location=str(tmp_path / "artifacts")))
+    client.log_artifacts(run.info.run_id, str(classifier), "adapter")
+    version = register_adapter(client, "tiny-topics", run.info.run_id, {})
+    client.set_registered_model_alias("tiny-topics", "champion", version)
+    assert main(["eval", "--adapter", "models:/tiny-topics@champion", "--tracking-uri", uri, "--data",
+                 str(tiny_data / "test.jsonl"), "--out", str(tmp_path / "eval"), "--log-to-mlflow"]) == 0
+    assert f"linked to tiny-topics version {version}" in capsys.readouterr().out
+    tags = client.get_model_version("tiny-topics", version).tags
+    evaluation = client.get_run(tags["orchestrator.eval.run_id"])
+    assert evaluation.info.status == "FINISHED" and evaluation.data.tags["orchestrator.model_version"] == version
+    accuracy = json.loads((tmp_path / "eval" / "metrics.json").read_text())["accuracy"]
+    assert evaluation.data.metrics["accuracy"] == pytest.approx(accuracy)
+    assert float(tags["orchestrator.eval.accuracy"]) == pytest.approx(accuracy, rel=1e-5)
+    artifacts = {a.path for a in client.list_artifacts(evaluation.info.run_id, "evaluation")}
+    assert artifacts == {"evaluation/metrics.json", "evaluation/confusion_matrix.png"}
