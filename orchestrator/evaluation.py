@@ -109,15 +109,13 @@ def evaluate_file(loaded, data_path: str, out_dir: str | None = None, batch_size
                                          max_length=data.max_length, return_tensors="pt").to(device)
                 logits = loaded.model(**batch).logits.float()
                 predictions += logits.argmax(-1).tolist()
-                for row, y in zip(logits, labels[start:start + batch_size]):
-                    if y != unknown:
-                        losses.append(float(torch.nn.functional.cross_entropy(row[None], torch.tensor([y]))))
+                targets = torch.tensor(labels[start:start + batch_size], device=logits.device)
+                known = targets != unknown  # no loss for a label the adapter has no output for
+                losses += torch.nn.functional.cross_entropy(logits[known], targets[known], reduction="none").tolist()
                 progress.advance(done, len(batch["input_ids"]))
             classes = list(loaded.labels) + (["(unknown to the adapter)"] if unknown in labels else [])
             report = per_class_report(predictions, labels, classes)
-            result.update({"accuracy": sum(p == y for p, y in zip(predictions, labels)) / len(labels),
-                           "macro_f1": sum(r["f1"] for r in report if r["support"]) / sum(
-                               1 for r in report if r["support"]),
+            result.update({**classification_metrics(predictions, labels, len(classes)),  # as training defines them
                            "loss": sum(losses) / max(1, len(losses)), "examples": len(labels),
                            "per_class": report,
                            "confusion_matrix": confusion_matrix(predictions, labels, len(classes)),

@@ -108,7 +108,10 @@ def test_eval_reports_the_metrics_training_measured(classifier, tiny_data, tmp_p
     assert sum(sum(row) for row in metrics["confusion_matrix"]) == 64
     assert sum(metrics["confusion_matrix"][i][i] for i in range(4)) / 64 == pytest.approx(metrics["accuracy"])
     assert (tmp_path / "eval" / "confusion_matrix.png").stat().st_size > 1000
-    assert metrics["accuracy"] == pytest.approx(_trained(classifier)["test_accuracy"])  # same rows, same model
+    trained = _trained(classifier)  # same rows, same model: the numbers training logged
+    assert metrics["accuracy"] == pytest.approx(trained["test_accuracy"])
+    assert metrics["macro_f1"] == pytest.approx(trained["test_macro_f1"])
+    assert metrics["loss"] == pytest.approx(trained["test_loss"], abs=1e-5)
 
 
 def test_eval_of_a_causal_lm_gives_the_training_loop_validation_loss(causal, tiny_chats, capsys):
