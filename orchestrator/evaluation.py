@@ -63,14 +63,12 @@ def evaluate_file(loaded, data_path: str, out_dir: str | None = None, batch_size
     from pathlib import Path
 
     import torch
-    import yaml
     from rich.progress import Progress
 
     from orchestrator.metrics import confusion_matrix, per_class_report
     from orchestrator.spec import DataSpec
 
-    saved = Path(loaded.folder, "orchestrator_job.yaml")
-    trained = yaml.safe_load(saved.read_text()).get("data", {}) if saved.is_file() else {}
+    trained = loaded.trained_data
     keys = ("text_column", "label_column", "format", "prompt_column", "completion_column", "messages_column",
             "train_on", "max_length")
     data = DataSpec(train=data_path, **{k: trained[k] for k in keys if k in trained},

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -27,6 +27,7 @@ class LoadedAdapter:
     base: ModelSpec
     chat: bool = False  # a causal LM trained on chat data: prompts are wrapped in the chat template
     labels: list[str] | None = None  # a classifier's label names, in its head's order
+    trained_data: dict = field(default_factory=dict)  # the data section of the job that trained it, if saved
 
 
 def adapter_folder(reference: str, tracking_uri: str | None) -> str:
@@ -44,13 +45,19 @@ def adapter_folder(reference: str, tracking_uri: str | None) -> str:
     return reference
 
 
-def base_model_spec(folder: str, base: str | None, task: str) -> ModelSpec:
-    """The base the adapter was trained on, as a :class:`ModelSpec`."""
+def saved_job(folder: str) -> dict:
+    """The job an adapter of this project was trained with (``orchestrator_job.yaml``), or {} for others."""
     saved = Path(folder, "orchestrator_job.yaml")
+    return yaml.safe_load(saved.read_text()) if saved.is_file() else {}
+
+
+def base_model_spec(folder: str, base: str | None, task: str, job: dict | None = None) -> ModelSpec:
+    """The base the adapter was trained on, as a :class:`ModelSpec`."""
+    job = saved_job(folder) if job is None else job
     if base:
         return ModelSpec(path=base, task=task)
-    if saved.is_file():
-        model = yaml.safe_load(saved.read_text())["model"]
+    if job.get("model"):
+        model = job["model"]
         return ModelSpec(path=model["path"], gguf_file=model.get("gguf_file"), task=task,
                          trust_remote_code=model.get("trust_remote_code", False))
     recorded = json.loads(Path(folder, "adapter_config.json").read_text()).get("base_model_name_or_path")
@@ -81,7 +88,8 @@ def load_adapter(reference: str, base: str | None = None, tracking_uri: str | No
     if found is None or (task and found != task):
         wanted = f"a {task} adapter" if task else "a causal_lm or sequence_classification adapter"
         raise SpecError(f"--adapter: {folder} is a {task_type} adapter; this command needs {wanted}")
-    spec = base_model_spec(folder, base, found)
+    job = saved_job(folder)
+    spec = base_model_spec(folder, base, found, job)
     labels = adapter_labels(folder)
     if found == "sequence_classification":
         if labels is None:
@@ -101,10 +109,9 @@ def load_adapter(reference: str, base: str | None = None, tracking_uri: str | No
     if torch.cuda.is_available():
         model = model.to("cuda")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    saved = Path(folder, "orchestrator_job.yaml")
-    fmt = yaml.safe_load(saved.read_text()).get("data", {}).get("format") if saved.is_file() else None
-    chat = found == "causal_lm" and fmt == "chat" and bool(getattr(tokenizer, "chat_template", None))
-    return LoadedAdapter(folder, model, tokenizer, found, spec, chat, labels)
+    data = job.get("data") or {}
+    chat = found == "causal_lm" and data.get("format") == "chat" and bool(getattr(tokenizer, "chat_template", None))
+    return LoadedAdapter(folder, model, tokenizer, found, spec, chat, labels, data)
 
 
 def load_causal_adapter(reference: str, base: str | None = None, tracking_uri: str | None = None) -> LoadedAdapter:
@@ -248,8 +255,7 @@ def _predict_with(loaded: LoadedAdapter, rows: list[dict], batch_size: int, max_
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)  # inference in this process: every core
-    saved = Path(loaded.folder, "orchestrator_job.yaml")
-    trained = yaml.safe_load(saved.read_text()).get("data", {}) if saved.is_file() else {}
+    trained = loaded.trained_data
     device = next(loaded.model.parameters()).device
     tokenizer = loaded.tokenizer
     if tokenizer.pad_token_id is None:
