@@ -77,13 +77,10 @@ def evaluate_file(loaded, data_path: str, out_dir: str | None = None, batch_size
     result: dict = {"adapter": loaded.folder, "data": data_path}
     with Progress(transient=True) as progress, torch.inference_mode():
         if loaded.task == "causal_lm":
-            from orchestrator.data import _read_table
-            from orchestrator.lm_data import LMSplit, _records, collate, detect_format, encode_split
+            from orchestrator.lm_data import LMSplit, collate, encode_split, read_records
             from orchestrator.tasks import lm_eval_rows, lm_metrics
 
-            frame = _read_table(data_path, "--data")
-            fmt = detect_format(list(map(str, frame.columns)), data)
-            split = LMSplit("eval", data_path, _records(data_path, "--data", fmt, data, frame), "")
+            split = LMSplit("eval", data_path, read_records(data_path, "--data", data)[1], "")
             if loaded.tokenizer.pad_token_id is None:
                 loaded.tokenizer.pad_token = loaded.tokenizer.eos_token
             rows, dropped = encode_split(split, loaded.tokenizer, data)

@@ -120,11 +120,11 @@ def load_causal_adapter(reference: str, base: str | None = None, tracking_uri: s
 
 def complete(loaded: LoadedAdapter, prompt: str, max_new_tokens: int, raw: bool = False) -> str:
     """A greedy completion; the prompt goes through the chat template when the adapter was trained on chats."""
-    from orchestrator.lm_data import _chat
+    from orchestrator.lm_data import render_chat
     from orchestrator.tasks import generate
 
     chat = loaded.chat and not raw
-    text = _chat(loaded.tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True) if chat \
+    text = render_chat(loaded.tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True) if chat \
         else prompt
     if loaded.tokenizer.pad_token_id is None:
         loaded.tokenizer.pad_token = loaded.tokenizer.eos_token
@@ -297,18 +297,18 @@ def _field(row: dict, column: str, index: int) -> str:
 
 
 def _prompt(loaded: LoadedAdapter, row: dict, trained: dict, index: int) -> str:
-    from orchestrator.lm_data import _chat
+    from orchestrator.lm_data import render_chat
 
     if "messages" in row and loaded.chat:
         messages = row["messages"]
         messages = json.loads(messages) if isinstance(messages, str) else list(messages)
         if messages and messages[-1].get("role") == "assistant":
             messages = messages[:-1]  # predict the answer, not after it
-        return _chat(loaded.tokenizer, messages, add_generation_prompt=True)
+        return render_chat(loaded.tokenizer, messages, add_generation_prompt=True)
     column = next((c for c in (trained.get("prompt_column", "prompt"), "prompt", trained.get("text_column", "text"))
                    if c in row), "prompt")
     text = _field(row, column, index)
-    return _chat(loaded.tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True) \
+    return render_chat(loaded.tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True) \
         if loaded.chat else text
 
 

@@ -123,6 +123,13 @@ def _messages(value: Any, where: str) -> list[dict[str, str]]:
     return messages
 
 
+def read_records(path: str, field: str, spec: DataSpec) -> tuple[str, list[dict[str, Any]]]:
+    """A file's format (``spec.format``, or detected from its columns) and its checked records."""
+    frame = _read_table(path, field)
+    fmt = detect_format(list(map(str, frame.columns)), spec.model_copy(update={"train": path}))
+    return fmt, _records(path, field, fmt, spec, frame)
+
+
 def load_lm_data(spec: DataSpec) -> LMData:
     """Reads and checks every split of a causal LM job.
 
@@ -131,9 +138,7 @@ def load_lm_data(spec: DataSpec) -> LMData:
     """
     if spec.train is None:
         raise SpecError("data.train: not given")
-    frame = _read_table(spec.train, "data.train")
-    fmt = detect_format(list(map(str, frame.columns)), spec)
-    train = _records(spec.train, "data.train", fmt, spec, frame)
+    fmt, train = read_records(spec.train, "data.train", spec)
     if spec.validation_split:
         held = set(_validation_cut(len(train), spec.validation_split))
         val = [r for i, r in enumerate(train) if i in held]
@@ -158,13 +163,13 @@ def render(record: dict[str, Any], tokenizer, train_on: str) -> tuple[str, list[
     eos = tokenizer.eos_token or ""
     if "messages" in record:
         messages = record["messages"]
-        text = _chat(tokenizer, messages, add_generation_prompt=False)
+        text = render_chat(tokenizer, messages, add_generation_prompt=False)
         spans = []
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            before = _chat(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-            through = _chat(tokenizer, messages[:i + 1], add_generation_prompt=False)
+            before = render_chat(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+            through = render_chat(tokenizer, messages[:i + 1], add_generation_prompt=False)
             if not (text.startswith(through) and through.startswith(before)):
                 raise SpecError("model.path: the tokenizer's chat template does not render a conversation as a "
                                 "prefix of its continuation; assistant turns cannot be located for masking "
@@ -179,7 +184,7 @@ def render(record: dict[str, Any], tokenizer, train_on: str) -> tuple[str, list[
     return text, [(0, len(text))], False
 
 
-def _chat(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+def render_chat(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise SpecError("data.format: chat data needs a tokenizer with a chat template; the model folder has none "
                         "(use prompt_completion data, or a model whose tokenizer_config.json has chat_template)")
@@ -194,7 +199,7 @@ def prompt_text(record: dict[str, Any], tokenizer) -> str:
     if "messages" in record:
         messages = record["messages"]
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        return _chat(tokenizer, messages[:last], add_generation_prompt=True)
+        return render_chat(tokenizer, messages[:last], add_generation_prompt=True)
     if "prompt" in record:
         return record["prompt"]
     words = record["text"].split()

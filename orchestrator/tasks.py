@@ -102,12 +102,12 @@ class CausalLM:
     def sample_prompts(self) -> list[tuple[str, str]]:
         """The fixed prompts generated from at every evaluation: (as a person reads it, as the model sees it,
         rendered with the chat template for chat data)."""
-        from orchestrator.lm_data import _chat, prompt_text
+        from orchestrator.lm_data import prompt_text, render_chat
 
         generation = self.spec.generation
         if generation.prompts is not None:
             if self.data.format == "chat":
-                return [(p, _chat(self.tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True))
+                return [(p, render_chat(self.tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True))
                         for p in generation.prompts]
             return [(p, p) for p in generation.prompts]
         records = self.data.validation.records[:generation.num_prompts]
