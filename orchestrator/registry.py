@@ -217,7 +217,9 @@ def list_versions(client, name: str | None = None, limit: int = 10) -> list[dict
                          "base_model": tags.get("base_model") or (model.tags or {}).get("orchestrator.base_model", ""),
                          "metric": f"{metric[0]} {metric[1]:.4f}" if metric else "",
                          "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(version.creation_timestamp / 1000)),
-                         "source": tags.get("orchestrator.snapshot") or tags.get("orchestrator.study", "")})
+                         "source": tags.get("orchestrator.snapshot") or tags.get("orchestrator.study")
+                         or (f"compose {tags['orchestrator.compose_method']}"
+                             if "orchestrator.compose_method" in tags else "")})
     return rows
 
 

@@ -271,12 +271,11 @@ def log_evaluation_run(uri: str, experiment: str, adapter_ref: str, data_path: s
     from mlflow.entities import Metric, RunTag
 
     client, now = MlflowClient(uri), int(time.time() * 1000)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
     tags = {"orchestrator.adapter": adapter_ref, "orchestrator.eval_data": data_path, "mlflow.source.type": "JOB"}
     if version:
         tags.update({"orchestrator.model": version[0], "orchestrator.model_version": version[1]})
-    run = client.create_run(experiment_id, run_name=f"eval-{Path(data_path).stem}", tags=tags)
+    run = client.create_run(experiment_id(client, uri, experiment), run_name=f"eval-{Path(data_path).stem}",
+                            tags=tags)
     client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
                      tags=[RunTag("orchestrator.eval_rows", str(metrics.get("examples", "")))])
     if folder:
@@ -286,4 +285,32 @@ def log_evaluation_run(uri: str, experiment: str, adapter_ref: str, data_path: s
         for key, value in {**{f"orchestrator.eval.{k}": f"{v:.6g}" for k, v in metrics.items()},
                            "orchestrator.eval.run_id": run.info.run_id}.items():
             client.set_model_version_tag(version[0], version[1], key, value)
+    return run.info.run_id
+
+
+def experiment_id(client, uri: str, name: str) -> str:
+    """The experiment's id, created if new; with an embedded SQLite store its artifacts go beside the database
+    file (``mlartifacts/``), not into the current directory."""
+    found = client.get_experiment_by_name(name)
+    if found:
+        return found.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = Path(uri.removeprefix("sqlite:///")).resolve().parent.joinpath("mlartifacts", name).as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def log_composition_run(uri: str, experiment: str, folder: str, params: dict[str, str], tags: dict[str, str]) -> str:
+    """``orchestrator compose --register``: a finished run holding the composed adapter (as ``adapter``, where
+    training runs keep theirs, so the registry treats it like any trained version) and how it was made."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param, RunTag
+
+    client = MlflowClient(uri)
+    run = client.create_run(experiment_id(client, uri, experiment), run_name=f"compose-{Path(folder).name}",
+                            tags={"mlflow.source.type": "JOB"})
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+                     tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+    client.log_artifacts(run.info.run_id, folder, ADAPTER_ARTIFACT)
+    client.set_terminated(run.info.run_id, status="FINISHED")
     return run.info.run_id
