@@ -79,7 +79,7 @@ def _train(args) -> int:
     from orchestrator.training import train
 
     spec = load_spec(args.job, args.overrides)
-    result = train(spec, verbose=args.verbose)
+    result = train(spec, verbose=args.verbose, check_memory=not args.skip_memory_check)
     from orchestrator.tracking import run_url
 
     shown = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith(("eval_", "test_"))}
@@ -95,7 +95,7 @@ def _tune(args) -> int:
     from orchestrator.tuning import tune
 
     spec = load_spec(args.job, args.overrides)
-    result = tune(spec, resume=args.resume, verbose=args.verbose)
+    result = tune(spec, resume=args.resume, verbose=args.verbose, check_memory=not args.skip_memory_check)
     best, metric = result.best, spec.tune.metric
     counts = {}
     for outcome in result.outcomes:
@@ -273,6 +273,32 @@ def _merge(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from orchestrator.memory import GiB, model_shape, parse_memory, plan_table
+    from orchestrator.spec import SpecError, load_spec
+    from orchestrator.tasks import load_data
+
+    spec = load_spec(args.job, args.overrides)
+    memory = parse_memory(args.device_memory) if args.device_memory else None
+    source = "given"
+    if memory is None and not spec.scaling.use_gpu:
+        import os
+
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / spec.scaling.num_workers
+        source = f"this machine's RAM / {spec.scaling.num_workers} workers"
+    labels = None
+    if spec.model.task == "sequence_classification":
+        try:
+            labels = len(load_data(spec).label_names)
+        except SpecError as error:  # data not on this machine: the head's size hardly matters
+            print(f"note: data not read ({str(error)[:120]}); assuming 2 labels")
+            labels = 2
+    shape = model_shape(spec, labels)
+    print(f"{args.job}: device memory {f'{memory / GiB:.1f} GiB ({source})' if memory else 'not given'}")
+    print("\n".join(plan_table(spec, shape, memory)))
+    return 0
+
+
 def _compose(args) -> int:
     from orchestrator.composition import check_model_name, compose, parse_weights, register
 
@@ -317,12 +343,17 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("job", help="job YAML file")
         command.add_argument("overrides", nargs="*", metavar="key.path=value", help="override spec fields")
         command.add_argument("-v", "--verbose", action="store_true", help="show Ray's and the libraries' logs")
+        if name == "train":
+            command.add_argument("--skip-memory-check", action="store_true",
+                                 help="launch even when the memory estimate exceeds a worker's device")
         command.set_defaults(handler=handler)
     search = commands.add_parser("tune", help="search LoRA hyperparameters with Ray Tune (ASHA early stopping)",
                                  description="Run the job's tune section: one Ray Train job per trial.")
     search.add_argument("job", help="job YAML file with a tune section")
     search.add_argument("overrides", nargs="*", metavar="key.path=value", help="override spec fields")
     search.add_argument("--resume", action="store_true", help="continue a study whose driver stopped")
+    search.add_argument("--skip-memory-check", action="store_true",
+                        help="launch even when the memory estimate exceeds a worker's device")
     search.add_argument("-v", "--verbose", action="store_true", help="show Ray's and the libraries' logs")
     search.set_defaults(handler=_tune)
     again = commands.add_parser("retrain", help="train a challenger on the newest data snapshot; promote it to "
@@ -419,6 +450,17 @@ def build_parser() -> argparse.ArgumentParser:
     ship.add_argument("--max-shard-size", default="2GB", help="merged: safetensors shard size")
     _adapter_arguments(ship)
     ship.set_defaults(handler=_export)
+    sizing = commands.add_parser("plan", help="estimate memory per device for full, LoRA and QLoRA at each ZeRO "
+                                 "stage, and recommend settings that fit",
+                                 description="From the model's config alone (built on the meta device, no weights "
+                                             "read): weights, gradients, optimizer states, ZeRO buckets, activations "
+                                             "and runtime per device.")
+    sizing.add_argument("job", help="job YAML file")
+    sizing.add_argument("overrides", nargs="*", metavar="key.path=value", help="override spec fields")
+    sizing.add_argument("--device-memory", help="memory of one device, e.g. 80GiB (default on CPU jobs: this "
+                        "machine's RAM / workers)")
+    sizing.add_argument("-v", "--verbose", action="store_true", help="show the libraries' logs")
+    sizing.set_defaults(handler=_plan)
     mix = commands.add_parser("compose", help="combine causal LM adapters on one base into a new adapter",
                               description="PEFT weighted combination: cat (exact weighted sum, rank adds up), svd "
                                           "(weighted sum truncated to --svd-rank), linear, ties, dare (pruned to "

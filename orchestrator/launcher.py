@@ -115,6 +115,45 @@ def check_placement(spec: JobSpec) -> None:
         raise SpecError(problem)
 
 
+def device_memory(spec: JobSpec, nodes: list[dict[str, float]]) -> tuple[float | None, str]:
+    """Bytes of memory one worker's device has, and where that number comes from: ``scaling.device_memory_gb``;
+    else a GPU's total memory read by a one-GPU Ray task; else, on CPU, the smallest share of a node's Ray
+    ``memory`` resource among the workers that node can hold. None when it cannot be told."""
+    from orchestrator.planning import worker_resources
+
+    if spec.scaling.device_memory_gb:
+        return spec.scaling.device_memory_gb * 1024**3, "scaling.device_memory_gb"
+    if spec.scaling.use_gpu:
+        import ray
+
+        @ray.remote(num_gpus=1, num_cpus=0)
+        def gpu_memory() -> int:
+            import torch
+
+            return torch.cuda.get_device_properties(0).total_memory
+
+        try:
+            return float(ray.get(gpu_memory.remote(), timeout=60)), "the cluster's GPUs"
+        except Exception:  # no GPU free within a minute: launch, and let the workers report
+            return None, "the cluster's GPUs (not readable)"
+    need = worker_resources(spec)
+    shares = []
+    for node in nodes:
+        fit = min(int(node.get(k, 0) // v) for k, v in need.items() if v > 0)
+        if fit and node.get("memory"):
+            shares.append(node["memory"] / min(fit, spec.scaling.num_workers))
+    return (min(shares), "each worker's share of a node's Ray memory") if shares else (None, "the cluster")
+
+
+def check_memory(spec: JobSpec, shape, nodes: list[dict[str, float]]) -> None:
+    """Refuses, with the numbers, a job whose estimate (:mod:`orchestrator.memory`) exceeds a worker's device."""
+    from orchestrator.memory import check_fits
+
+    available, where = device_memory(spec, nodes)
+    if available is not None:
+        check_fits(spec, shape, available, where)
+
+
 def run_training(spec: JobSpec, tracking_uri: str, run_id: str, on_progress: Callable[[dict], None],
                  verbose: bool = False) -> dict[str, float]:
     """Runs the job on the connected cluster; returns rank 0's final metrics.

@@ -193,6 +193,8 @@ def build_peft_model(spec: JobSpec, label_names: list[str] | None):
         use_safetensors=True,
         ignore_mismatched_sizes=True,  # a base that already has a head gets a fresh one for our labels
     )
+    if spec.train.gradient_checkpointing:
+        _checkpoint_activations(base)
     if spec.model.adapter:  # continued training: the adapter's own LoRA settings and weights, trainable
         from peft import PeftModel
 
@@ -210,15 +212,20 @@ def _causal_peft_model(spec: JobSpec, folder: str):
                                                 trust_remote_code=spec.model.trust_remote_code, use_safetensors=True)
     base.config.use_cache = False  # training: a KV cache would also turn off packed-sequence attention masks
     if spec.train.gradient_checkpointing:
-        if hasattr(base, "activation_checkpointing_enable"):  # the name transformers 6 keeps
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.enable_input_require_grads()  # the frozen embeddings' output must carry grad for checkpointing
+        _checkpoint_activations(base)
     if spec.model.adapter:
         check_adapter_task(spec.model.adapter, "CAUSAL_LM")
         return PeftModel.from_pretrained(base, spec.model.adapter, is_trainable=True)
     return get_peft_model(base, lora_config(spec.lora, "causal_lm"))
+
+
+def _checkpoint_activations(base) -> None:
+    """Gradient checkpointing (non-reentrant): each block keeps its input and recomputes the rest in backward."""
+    if hasattr(base, "activation_checkpointing_enable"):  # the name transformers 6 keeps
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.enable_input_require_grads()  # the frozen embeddings' output must carry grad for checkpointing
 
 
 def check_adapter_task(folder: str, task_type: str) -> None:

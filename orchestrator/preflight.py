@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from orchestrator.memory import model_shape
 from orchestrator.modeling import (
     check_adapter_labels,
     check_target_modules,
@@ -27,6 +28,7 @@ class Preflight:
     train_rows: int  # what one epoch steps through: examples, or packed rows for a packed causal LM job
     example: str | None = None  # causal LM: the first training example with its trained spans marked
     dropped: dict[str, int] = field(default_factory=dict)  # causal LM: examples left with no trained token
+    shape: object = None  # orchestrator.memory.ModelShape: what the memory estimate needs
 
 
 def preflight(spec: JobSpec) -> Preflight:
@@ -34,6 +36,7 @@ def preflight(spec: JobSpec) -> Preflight:
     data = load_data(spec)
     names, total = linear_module_names(spec, len(data.label_names) if data.label_names else None)
     check_target_modules(spec.lora, names)
+    shape = model_shape(spec, len(data.label_names) if data.label_names else None)
     example, dropped, rows = None, {}, len(data.train)
     if spec.model.task == "causal_lm":
         from transformers import AutoTokenizer
@@ -50,4 +53,4 @@ def preflight(spec: JobSpec) -> Preflight:
     deepspeed_config(spec, plan, read_deepspeed_json(spec.deepspeed.config))  # checks a user JSON's batch keys
     if spec.model.adapter and not spec.model.adapter.startswith("models:/") and data.label_names:
         check_adapter_labels(spec.model.adapter, data.label_names)
-    return Preflight(data, plan, total, len(names), rows, example, dropped)
+    return Preflight(data, plan, total, len(names), rows, example, dropped, shape)

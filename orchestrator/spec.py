@@ -123,6 +123,9 @@ class ScalingSpec(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, ge=0, description="Used only when use_gpu is true.")
     memory_per_worker_gb: float | None = Field(None, gt=0)
+    device_memory_gb: float | None = Field(
+        None, gt=0, description="Memory of one worker's device (a GPU's memory; on CPU, the RAM one worker may "
+                                "use) for the preflight memory check. Default: read from the cluster.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint; -1: no limit.")
 

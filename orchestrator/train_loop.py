@@ -43,6 +43,7 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
     tokenizer = AutoTokenizer.from_pretrained(model_folder(spec.model))
     task = make_task(spec, load_data(spec), tokenizer)  # classification or causal LM: data, batches, metrics
     plan = plan_batches(spec, task.size("train"))
+    before_model_mb = _memory_now_mb(spec.scaling.use_gpu)  # what the model and training add is measured from here
     model = build_peft_model(spec, task.label_names)
     trainable, total = parameter_counts(model)
     engine, *_ = deepspeed.initialize(
@@ -146,6 +147,7 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
             train_seconds += seconds
             metrics = {"train_loss": stats[0].item() / ctx.world_size / window["steps"],
                        "peak_memory_mb": _peak_memory_mb(spec.scaling.use_gpu),
+                       "train_memory_mb": _peak_memory_mb(spec.scaling.use_gpu) - before_model_mb,
                        "learning_rate": engine.get_lr()[0], "tokens_per_s": stats[1].item() / seconds,
                        "samples_per_s": stats[2].item() / seconds, "train_seconds": train_seconds,
                        "epoch": done * plan.gradient_accumulation_steps / plan.micro_batches_per_epoch}
@@ -189,6 +191,16 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
         sink.log_artifacts(adapter, ADAPTER_ARTIFACT)
         ctx.progress({"event": "done", "adapter": adapter, **final})
     return final
+
+
+def _memory_now_mb(on_gpu: bool) -> float:
+    """This worker's memory in use now: CUDA tensors on GPU, the process's resident set on CPU."""
+    import torch
+
+    if on_gpu:
+        return torch.cuda.memory_allocated() / 2**20
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _peak_memory_mb(on_gpu: bool) -> float:

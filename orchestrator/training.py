@@ -20,20 +20,26 @@ class TrainResult:
     metrics: dict[str, float]
 
 
-def train(spec: JobSpec, verbose: bool = False, console: TrainingConsole | None = None) -> TrainResult:
+def train(spec: JobSpec, verbose: bool = False, console: TrainingConsole | None = None,
+          check_memory: bool = True) -> TrainResult:
     """Trains the job's adapter on Ray Train; the MLflow run ends FINISHED, or FAILED / KILLED on error.
 
     Raises:
-        SpecError: bad input, found before any Ray worker starts (nothing is written).
+        SpecError: bad input, found before any Ray worker starts (nothing is written), including a job whose
+            memory estimate exceeds a worker's device (unless ``check_memory`` is False).
         TrainingFailed: the workers failed beyond ``scaling.max_failures``.
     """
     from orchestrator import launcher, tracking
 
     checked = preflight(spec)
     tracking.check_reachable(spec)
+    if check_memory and spec.scaling.device_memory_gb:  # known without a cluster: refuse before Ray starts
+        launcher.check_memory(spec, checked.shape, [])
     spec = with_local_adapter(spec, checked.data.label_names)
     launcher.connect(verbose)
     launcher.check_placement(spec)
+    if check_memory and not spec.scaling.device_memory_gb:
+        launcher.check_memory(spec, checked.shape, launcher.cluster_nodes())
     uri, run_id = tracking.start_run(spec, data_inputs(checked.data))
     status = "FAILED"
     console = console or TrainingConsole()

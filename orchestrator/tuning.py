@@ -49,8 +49,8 @@ class StudyResult:
     concurrency: int
 
 
-def tune(spec: JobSpec, resume: bool = False, verbose: bool = False, console: StudyConsole | None = None
-         ) -> StudyResult:
+def tune(spec: JobSpec, resume: bool = False, verbose: bool = False, console: StudyConsole | None = None,
+         check_memory: bool = True) -> StudyResult:
     """Runs (or, with ``resume``, continues) the job's search.
 
     Raises:
@@ -81,11 +81,20 @@ def tune(spec: JobSpec, resume: bool = False, verbose: bool = False, console: St
     if resume and not exists:
         raise SpecError(f"--resume: no study to resume in {tune_launcher.study_path(spec)}; run without --resume")
 
+    if check_memory:
+        from orchestrator.memory import heaviest, model_shape
+
+        heavy = heaviest(spec)  # the largest rank, micro-batch and length the space can pick must fit
+        heavy_shape = model_shape(heavy, len(labels) if labels else None)
+        if spec.scaling.device_memory_gb:  # known without a cluster: refuse before Ray starts
+            launcher.check_memory(heavy, heavy_shape, [])
     launcher.connect(verbose)
     nodes = launcher.cluster_nodes()
     problem = placement_problem(spec, nodes)
     if problem:
         raise SpecError(f"one trial does not fit the cluster: {problem}")
+    if check_memory and not spec.scaling.device_memory_gb:
+        launcher.check_memory(heavy, heavy_shape, nodes)
     fitting = trials_that_fit(nodes, worker_resources(spec), spec.scaling.num_workers, spec.scaling.placement_strategy)
     planned = spec.tune.num_samples if spec.tune.search == "optuna" else num_trials(spec)
     running = concurrency(spec.tune.max_concurrent_trials, fitting, planned)
