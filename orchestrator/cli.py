@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_KEPT = 1, 2, 3
 
@@ -273,6 +274,19 @@ def _merge(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from orchestrator.comparison import compare
+    from orchestrator.spec import load_spec
+    from orchestrator.tracking import run_url
+
+    spec = load_spec(args.job, args.overrides)
+    result = compare(spec, args.methods, verbose=args.verbose, check_memory=not args.skip_memory_check)
+    print(Path(result.files["markdown"]).read_text())
+    print(f"files:   {result.files['markdown']} (CSV and PNG beside it)")
+    print(f"mlflow:  {run_url(result.tracking_uri, result.parent_run_id)} (one child run per method)")
+    return 0
+
+
 def _plan(args) -> int:
     from orchestrator.memory import GiB, model_shape, parse_memory, plan_table
     from orchestrator.spec import SpecError, load_spec
@@ -450,6 +464,19 @@ def build_parser() -> argparse.ArgumentParser:
     ship.add_argument("--max-shard-size", default="2GB", help="merged: safetensors shard size")
     _adapter_arguments(ship)
     ship.set_defaults(handler=_export)
+    versus = commands.add_parser("compare", help="train several fine-tuning methods on the job and compare them, "
+                                 "measured", description="One Ray Tune grid trial per method (same data, same steps, "
+                                 "no early stopping): share of parameters trained, peak memory per worker, wall "
+                                 "time and the task metric, also relative to full fine-tuning.")
+    versus.add_argument("job", help="job YAML file")
+    versus.add_argument("overrides", nargs="*", metavar="key.path=value", help="override spec fields")
+    versus.add_argument("--methods", default="full,lora:r=8,lora:r=16,prefix,prompt,ia3",
+                        help="comma-separated: full, lora, qlora, ia3, prompt, prefix, each with options after "
+                             "colons: r, alpha, lr, tokens (e.g. lora:r=16:lr=1e-3)")
+    versus.add_argument("--skip-memory-check", action="store_true",
+                        help="launch even when the memory estimate exceeds a worker's device")
+    versus.add_argument("-v", "--verbose", action="store_true", help="show Ray's and the libraries' logs")
+    versus.set_defaults(handler=_compare)
     sizing = commands.add_parser("plan", help="estimate memory per device for full, LoRA and QLoRA at each ZeRO "
                                  "stage, and recommend settings that fit",
                                  description="From the model's config alone (built on the meta device, no weights "

@@ -52,6 +52,7 @@ class ModelShape:
     block_linear_params: int  # nn.Linear weights inside the transformer blocks (what 4-bit quantizes)
     lora_trainable: int  # LoRA at the spec's rank and targets, plus any head PEFT trains whole
     lora_inputs_per_layer: int  # summed in_features of the LoRA-adapted projections of one block
+    method_trainable: int  # what the job's own method trains when it is not LoRA (IA3, prompt, prefix)
     layers: int
     hidden: int
     kv_hidden: int  # key/value width (grouped-query attention: kv_heads * head_dim)
@@ -65,7 +66,7 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class Setting:
-    method: str  # full | lora | qlora
+    method: str  # full | lora | qlora | peft (the job's IA3, prompt or prefix tuning)
     zero_stage: int
     micro_batch: int
     checkpointing: bool
@@ -113,7 +114,7 @@ def model_shape(spec: JobSpec, num_labels: int | None) -> ModelShape:
     import torch
     from peft import get_peft_model
 
-    from orchestrator.modeling import _auto_class, load_model_config, lora_config
+    from orchestrator.modeling import _auto_class, load_model_config, lora_config, peft_config
 
     config = load_model_config(spec, num_labels)
     with torch.device("meta"):
@@ -127,6 +128,12 @@ def model_shape(spec: JobSpec, num_labels: int | None) -> ModelShape:
         linear = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
         in_blocks = [m for n, m in linear if any(f".{k}." in f".{n}." for k in range(layers))]
         gated = any(n.endswith("gate_proj") for n, _ in linear)
+        method_trainable = total
+        if spec.method.name == "prefix" and spec.model.task == "sequence_classification":
+            _check_prefix_support(model)  # PEFT's classifier path needs it; the causal LM path passes a cache
+        if spec.method.name not in ("lora", "qlora", "full"):
+            other = get_peft_model(_auto_class(spec.model.task).from_config(config), peft_config(spec))
+            method_trainable = sum(p.numel() for p in other.parameters() if p.requires_grad)
         peft_model = get_peft_model(model, lora_config(spec.lora, spec.model.task))
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         adapted = sum(m.in_features for n, m in peft_model.named_modules()
@@ -136,11 +143,23 @@ def model_shape(spec: JobSpec, num_labels: int | None) -> ModelShape:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     return ModelShape(
         total_params=total, block_linear_params=sum(m.weight.numel() for m in in_blocks),
-        lora_trainable=trainable, lora_inputs_per_layer=adapted // max(1, layers), layers=layers, hidden=hidden,
+        lora_trainable=trainable, lora_inputs_per_layer=adapted // max(1, layers), method_trainable=method_trainable,
+        layers=layers, hidden=hidden,
         kv_hidden=hidden // heads * kv_heads, intermediate=_get(config, "intermediate_size", "n_inner") or 4 * hidden,
         heads=heads, vocab=getattr(config, "vocab_size", 0), gated_mlp=gated, causal_lm=spec.model.task == "causal_lm",
         attention_dropout=float(getattr(config, "attention_probs_dropout_prob", None)
                                 or getattr(config, "attention_dropout", 0.0) or 0.0))
+
+
+def _check_prefix_support(model) -> None:
+    """Prefix tuning feeds learned keys/values as ``past_key_values``; PEFT needs the model (or its backbone)
+    to take them, and fails only at the first forward pass otherwise."""
+    import inspect
+
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), model)
+    if not any("past_key_values" in inspect.signature(m.forward).parameters for m in (model, backbone)):
+        raise SpecError(f"method.name: prefix tuning needs a model that takes past_key_values; "
+                        f"{type(model).__name__} does not in this transformers version; use prompt, ia3 or lora")
 
 
 def _get(config, *names: str) -> int:
@@ -158,7 +177,8 @@ def estimate(shape: ModelShape, setting: Setting, *, world: int, seq_len: int, p
     mixed = precision in ("bf16", "fp16")
     weight_bytes = 2 if mixed or dtype != "float32" else 4
     full = setting.method == "full"
-    trainable = shape.total_params if full else shape.lora_trainable
+    trainable = shape.total_params if full else \
+        shape.method_trainable if setting.method == "peft" else shape.lora_trainable
     frozen = 0 if full else shape.total_params
     if setting.method == "qlora":
         quantized = shape.block_linear_params
@@ -201,7 +221,7 @@ def _activations(shape: ModelShape, setting: Setting, s: int, act: int, eager: b
     else:  # post-norm BERT/GPT block: in, q, k, v, context, LN in/out x2; fc out, activation out; dropout masks
         elements = tokens * (8 * h + 2 * i)
         masks = tokens * 2 * h  # hidden dropout masks (1 byte)
-    if setting.method != "full" and dropout > 0:
+    if setting.method in ("lora", "qlora") and dropout > 0:
         elements += tokens * shape.lora_inputs_per_layer  # LoRA's dropped-out copy of each adapted input
         masks += tokens * shape.lora_inputs_per_layer
     per_layer = elements * act + masks
@@ -224,8 +244,10 @@ def settings_for(spec: JobSpec) -> list[Setting]:
 
 def job_setting(spec: JobSpec) -> Setting:
     ds = spec.deepspeed
-    return Setting("lora", ds.zero_stage, spec.train.micro_batch_size, spec.train.gradient_checkpointing,
-                   ds.offload_optimizer and ds.zero_stage >= 1, ds.offload_params and ds.zero_stage == 3)
+    name = spec.method.name
+    return Setting(name if name in METHODS else "peft", ds.zero_stage, spec.train.micro_batch_size,
+                   spec.train.gradient_checkpointing, ds.offload_optimizer and ds.zero_stage >= 1,
+                   ds.offload_params and ds.zero_stage == 3)
 
 
 def candidates(spec: JobSpec, method: str = "lora") -> list[Setting]:
@@ -271,7 +293,7 @@ def check_fits(spec: JobSpec, shape: ModelShape, device_memory: float, where: st
     found = estimate_job(spec, shape, job_setting(spec))
     if found.total <= device_memory:
         return found
-    better = recommend(spec, shape, device_memory)
+    better = recommend(spec, shape, device_memory, found.setting.method)
     advice = (f"this fits: {better.setting.describe()} ({better.total / GiB:.1f} GiB)" if better else
               "nothing LoRA can do fits; use larger devices or more of them with ZeRO-3")
     raise SpecError(

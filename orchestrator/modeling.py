@@ -174,49 +174,78 @@ def lora_config(lora: LoraSpec, task: str = "sequence_classification"):
     )
 
 
+def peft_config(spec: JobSpec):
+    """The PEFT config of the job's method (LoRA and QLoRA: :func:`lora_config`); None for full fine-tuning."""
+    from peft import IA3Config, PrefixTuningConfig, PromptTuningConfig, TaskType
+
+    method, causal = spec.method.name, spec.model.task == "causal_lm"
+    task_type = TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS
+    if method in ("lora", "qlora"):
+        return lora_config(spec.lora, spec.model.task)
+    if method == "ia3":  # PEFT's per-architecture defaults: keys, values and the MLP output
+        return IA3Config(task_type=task_type)
+    if method == "prompt":
+        return PromptTuningConfig(task_type=task_type, num_virtual_tokens=spec.method.num_virtual_tokens)
+    if method == "prefix":
+        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=spec.method.num_virtual_tokens)
+    return None
+
+
 def build_peft_model(spec: JobSpec, label_names: list[str] | None):
-    """Loads the base (frozen by PEFT), wraps it with LoRA and returns the PEFT model."""
-    import torch
-    from peft import get_peft_model
-    from transformers import AutoModelForSequenceClassification
-
-    folder = model_folder(spec.model)
-    if spec.model.task == "causal_lm":
-        return _causal_peft_model(spec, folder)
-    base = AutoModelForSequenceClassification.from_pretrained(
-        folder,
-        num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)),
-        label2id={name: i for i, name in enumerate(label_names)},
-        dtype=getattr(torch, _DTYPES[spec.model.dtype]),
-        trust_remote_code=spec.model.trust_remote_code,
-        use_safetensors=True,
-        ignore_mismatched_sizes=True,  # a base that already has a head gets a fresh one for our labels
-    )
-    if spec.train.gradient_checkpointing:
-        _checkpoint_activations(base)
-    if spec.model.adapter:  # continued training: the adapter's own LoRA settings and weights, trainable
-        from peft import PeftModel
-
-        check_adapter_labels(spec.model.adapter, label_names)
-        return PeftModel.from_pretrained(base, spec.model.adapter, is_trainable=True)
-    return get_peft_model(base, lora_config(spec.lora))
-
-
-def _causal_peft_model(spec: JobSpec, folder: str):
+    """Loads the base and wraps it for the job's method: PEFT freezes the base (LoRA by default; IA3, prompt or
+    prefix tuning; QLoRA on a 4-bit base); full fine-tuning returns the base with every parameter trainable."""
     import torch
     from peft import PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, _DTYPES[spec.model.dtype]),
-                                                trust_remote_code=spec.model.trust_remote_code, use_safetensors=True)
-    base.config.use_cache = False  # training: a KV cache would also turn off packed-sequence attention masks
-    if spec.train.gradient_checkpointing:
+    folder = model_folder(spec.model)
+    causal = spec.model.task == "causal_lm"
+    options = {"dtype": getattr(torch, _DTYPES[spec.model.dtype]), "trust_remote_code": spec.model.trust_remote_code,
+               "use_safetensors": True}
+    if spec.method.name == "qlora":
+        options["quantization_config"] = _four_bit(spec)
+    if causal:
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(folder, **options)
+        base.config.use_cache = False  # training: a KV cache would also turn off packed-sequence attention masks
+    else:
+        from transformers import AutoModelForSequenceClassification
+
+        base = AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+            label2id={name: i for i, name in enumerate(label_names)},
+            ignore_mismatched_sizes=True,  # a base that already has a head gets a fresh one for our labels
+            **options)
+    if spec.method.name == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=spec.train.gradient_checkpointing)
+    elif spec.train.gradient_checkpointing:
         _checkpoint_activations(base)
-    if spec.model.adapter:
-        check_adapter_task(spec.model.adapter, "CAUSAL_LM")
+    if spec.method.name == "full":
+        base.requires_grad_(True)
+        return base
+    if spec.model.adapter:  # continued training: the adapter's own LoRA settings and weights, trainable
+        if causal:
+            check_adapter_task(spec.model.adapter, "CAUSAL_LM")
+        else:
+            check_adapter_labels(spec.model.adapter, label_names)
         return PeftModel.from_pretrained(base, spec.model.adapter, is_trainable=True)
-    return get_peft_model(base, lora_config(spec.lora, "causal_lm"))
+    return get_peft_model(base, peft_config(spec))
+
+
+def _four_bit(spec: JobSpec):
+    """QLoRA's base: NF4 weights with double-quantised scales, computing in bf16 (Dettmers et al. 2023)."""
+    import torch
+
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise SpecError("method.name: qlora needs bitsandbytes on the workers (pip install bitsandbytes) and "
+                        "CUDA GPUs") from None
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
 
 
 def _checkpoint_activations(base) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import json
 import math
 import random
 import typing
@@ -18,6 +19,7 @@ from orchestrator.spec import Dimension, JobSpec, SpecError
 
 NOT_SEARCHABLE = ("version", "name", "output_dir", "tune", "registry", "tracking", "scaling", "retrain")
 STOPPED_EARLY, FINISHED, FAILED = "stopped early", "finished", "failed"
+VARIANT = "variant"  # a dimension whose values are whole sets of {dotted field: value} (and a "label"), as compare uses
 
 
 def searchable_fields() -> list[str]:
@@ -49,7 +51,14 @@ def check_space(spec: JobSpec) -> list[str]:
     problems, fields = [], searchable_fields()
     for path, dimension in spec.tune.space.items():
         where = f"tune.space.{path}"
-        if path not in fields:
+        if path == VARIANT:
+            values = dimension.args if dimension.kind in ("grid", "choice") else []
+            bad = [v for v in values if not isinstance(v, dict) or any(k != "label" and k not in fields for k in v)]
+            if not values or bad:
+                problems.append(f"{where}: a grid or choice of mappings from searchable fields to values; "
+                                f"not {bad[:1] or dimension.kind}")
+                continue
+        elif path not in fields:
             if path.split(".")[0] in NOT_SEARCHABLE:
                 problems.append(f"{where}: cannot be searched (identity, outputs, tracking and resources are "
                                 f"fixed for a study)")
@@ -80,11 +89,9 @@ def trial_spec(spec: JobSpec, config: dict[str, Any], output_dir: str, trial_id:
     if raw.get("retrain"):  # a retrain's search: the trial itself is a plain training run
         raw["retrain"]["challenger"] = "train"
     for path, value in config.items():
-        node = raw
-        *parents, leaf = path.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+        for inner, inner_value in (variant(value).items() if path == VARIANT else [(path, value)]):
+            if inner != "label":
+                _set(raw, inner, inner_value)
     raw["output_dir"] = output_dir
     raw["name"] = f"{spec.name}-{trial_id}"[:64]
     raw["tracking"]["run_name"] = f"{spec.run_name()}-{trial_id}"
@@ -97,6 +104,19 @@ def trial_spec(spec: JobSpec, config: dict[str, Any], output_dir: str, trial_id:
         message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}".replace("Value error, @", "")
                             for e in error.errors())
         raise SpecError(f"trial {trial_id}: {message}") from None
+
+
+def variant(value: dict | str) -> dict[str, Any]:
+    """A variant's fields; Ray Tune carries them as JSON text (it would deep-merge a mapping)."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _set(raw: dict, path: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = path.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
 
 
 def trials_that_fit(nodes: list[dict[str, float]], per_worker: dict[str, float], num_workers: int,

@@ -90,6 +90,19 @@ class LoraSpec(_Strict):
     use_dora: bool = False
 
 
+FINETUNE_METHODS = ("lora", "full", "ia3", "prompt", "prefix", "qlora")
+
+
+class MethodSpec(_Strict):
+    """What is trained. LoRA is the default and the only method the registry, retrain, merge and compose
+    handle; the others exist so `orchestrator compare` can measure them through the same path."""
+
+    name: Literal["lora", "full", "ia3", "prompt", "prefix", "qlora"] = Field(
+        "lora", description="lora (the lora section's settings), full fine-tuning, ia3, prompt or prefix tuning "
+                            "(PEFT), qlora (LoRA on a 4-bit base: CUDA GPUs with bitsandbytes).")
+    num_virtual_tokens: PositiveInt = Field(20, le=512, description="prompt/prefix tuning: virtual tokens.")
+
+
 class TrainSpec(_Strict):
     epochs: float | None = Field(None, gt=0)
     max_steps: PositiveInt | None = Field(None, description="Optimizer steps; set this or epochs, not both.")
@@ -285,6 +298,7 @@ class JobSpec(_Strict):
     output_dir: str
     model: ModelSpec
     data: DataSpec
+    method: MethodSpec = Field(default_factory=MethodSpec)
     lora: LoraSpec = Field(default_factory=LoraSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
@@ -329,6 +343,16 @@ class JobSpec(_Strict):
              "fp16 needs GPUs (scaling.use_gpu: true); on CPU use bf16 or fp32"),
             (self.train.precision != "fp32" and self.model.dtype == "float16" and not self.scaling.use_gpu,
              "model.dtype", "float16 weights need GPUs; on CPU use float32 or bfloat16"),
+            (self.method.name == "qlora" and not self.scaling.use_gpu, "method.name",
+             "qlora needs CUDA GPUs (bitsandbytes 4-bit); set scaling.use_gpu: true or use lora"),
+            (self.method.name == "qlora" and self.deepspeed.zero_stage == 3, "method.name",
+             "a 4-bit base cannot be partitioned by ZeRO-3; use deepspeed.zero_stage 0-2"),
+            (self.method.name != "lora" and self.retrain is not None, "method.name",
+             "retrain registers and promotes LoRA adapters; use method lora"),
+            (self.method.name not in ("lora", "qlora") and self.model.adapter is not None, "model.adapter",
+             "continuing from an adapter is for LoRA jobs"),
+            (self.method.name in ("prompt", "prefix") and self.deepspeed.zero_stage == 3, "method.name",
+             "prompt and prefix tuning are not supported under ZeRO-3 here; use deepspeed.zero_stage 0-2"),
         ]
         if self.tune:
             tune = self.tune

@@ -119,6 +119,7 @@ def lm_eval_rows(logits, batch: dict[str, Any]) -> list[tuple]:
     import torch
 
     shifted = batch["labels"][:, 1:]
+    logits = logits[:, -batch["labels"].shape[1]:]  # prompt tuning prepends virtual tokens' positions
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), shifted,
                                             ignore_index=-100, reduction="none")
     counts = (shifted != -100).sum(-1)

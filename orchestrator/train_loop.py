@@ -162,7 +162,8 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
             evaluation = {f"eval_{k}": v for k, v in evaluate("validation").items()}
             samples(done)
             timers["evaluation_seconds"] += time.perf_counter() - started
-            metrics = {**metrics, **evaluation, **timers, "step": done}
+            metrics = {**metrics, **evaluation, **timers, "step": done, "trainable_params": trainable,
+                       "total_params": total}
             sink.log_metrics(evaluation, done)
             ctx.progress({"event": "eval", "step": done, "total": plan.total_steps, **evaluation})
         started = time.perf_counter()
@@ -238,19 +239,27 @@ def save_adapter(engine, spec: JobSpec, tokenizer, label_names: list[str] | None
     if label_names is not None:
         (partial / LABELS_FILE).write_text(json.dumps(label_names, indent=1))
     (partial / "orchestrator_job.yaml").write_text(yaml.safe_dump(spec.model_dump(), sort_keys=False))
-    _check_adapter(partial)
+    _check_adapter(partial, spec.method.name)
     if target.exists():
         shutil.rmtree(target)
     os.replace(partial, target)
     return str(target)
 
 
-def _check_adapter(folder: Path) -> None:
+def _check_adapter(folder: Path, method: str = "lora") -> None:
+    """Refuses to publish empty, non-finite or (LoRA) untrained weights; full fine-tuning saved a whole model."""
     from safetensors.torch import load_file
 
-    tensors = load_file(folder / "adapter_model.safetensors")
-    lora_b = [t for name, t in tensors.items() if "lora_B" in name]
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
     problems = [name for name, t in tensors.items() if t.numel() == 0 or not bool(t.float().isfinite().all())]
+    if method not in ("lora", "qlora"):
+        if not tensors or problems:
+            raise RuntimeError(f"refusing to publish broken {method} weights in {folder}: {len(tensors)} tensors, "
+                               f"empty or non-finite: {problems[:5]}")
+        return
+    lora_b = [t for name, t in tensors.items() if "lora_B" in name]
     if not lora_b or problems or all(float(t.float().abs().max()) == 0 for t in lora_b):
         raise RuntimeError(f"refusing to publish a broken adapter in {folder}: "
                            f"{len(lora_b)} LoRA B tensors, empty or non-finite: {problems[:5]}, or all zero")

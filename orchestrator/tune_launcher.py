@@ -10,12 +10,13 @@ Train controller with it, and Train's placement-group cleaner frees the workers'
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.search import grid_points
+from orchestrator.search import VARIANT, grid_points
 from orchestrator.spec import JobSpec, SpecError
 
 TRIAL_DRIVER_MEMORY = 256 * 2**20  # logical bytes per trial actor: it must reserve something, and not a CPU
@@ -58,7 +59,9 @@ def param_space(spec: JobSpec) -> dict[str, Any]:
     assert spec.tune is not None
     space = {}
     for path, dim in spec.tune.space.items():
-        if dim.kind in ("choice", "grid"):  # grid axes come as points (search.grid_points), in a seeded order
+        if path == VARIANT:  # Tune deep-merges mapping values; a variant travels as JSON text
+            space[path] = tune.choice([json.dumps(v, sort_keys=True) for v in dim.args])
+        elif dim.kind in ("choice", "grid"):  # grid axes come as points (search.grid_points), in a seeded order
             space[path] = tune.choice(list(dim.args))
         else:
             space[path] = getattr(tune, dim.kind)(*dim.args)
@@ -90,7 +93,9 @@ def _search_algorithm(spec: JobSpec, concurrency: int):
         from ray.tune.search.optuna import OptunaSearch
 
         return ConcurrencyLimiter(OptunaSearch(sampler=TPESampler(seed=spec.tune.seed)), max_concurrent=concurrency)
-    return BasicVariantGenerator(points_to_evaluate=grid_points(spec) or None, random_state=spec.tune.seed,
+    points = [{k: json.dumps(v, sort_keys=True) if k == VARIANT else v for k, v in point.items()}
+              for point in grid_points(spec)]
+    return BasicVariantGenerator(points_to_evaluate=points or None, random_state=spec.tune.seed,
                                  max_concurrent=concurrency)
 
 

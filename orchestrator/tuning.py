@@ -17,6 +17,7 @@ from orchestrator.preflight import preflight
 from orchestrator.search import (
     FAILED,
     FINISHED,
+    VARIANT,
     RankAdvice,
     TrialOutcome,
     classify,
@@ -145,7 +146,8 @@ def tune(spec: JobSpec, resume: bool = False, verbose: bool = False, console: St
         if best is None:
             errors = "; ".join(f"{o.trial_id}: {o.error}" for o in outcomes if o.status == FAILED)[:2000]
             raise StudyFailed(f"no trial finished ({len(outcomes)} trials; errors: {errors or 'none'})")
-        advice = rank_advice(outcomes, spec.lora.r, metric, mode, spec.tune.rank_tolerance)
+        advice = None if VARIANT in spec.tune.space else \
+            rank_advice(outcomes, spec.lora.r, metric, mode, spec.tune.rank_tolerance)
         folder = Path(spec.output_dir, SUMMARY_DIR)
         files = _write_summary(folder, outcomes, spec, best, advice, running)
         registered = None
