@@ -59,6 +59,11 @@ def _validate(args) -> int:
     print(f"  plan: {spec.scaling.num_workers} workers x {plan.micro_batch_size} x {plan.gradient_accumulation_steps}"
           f" accumulation = global batch {plan.global_batch_size}; {plan.total_steps} steps "
           f"({plan.steps_per_epoch:g} per epoch), eval every {plan.eval_every_steps}")
+    from orchestrator.memory import GiB, estimate_job, job_setting
+
+    need = estimate_job(spec, checked.shape, job_setting(spec))
+    print(f"  memory: about {need.total / GiB:.2f} GiB per worker ({spec.method.name}; "
+          f"orchestrator plan shows every method and ZeRO stage)")
     if checked.example:
         print("  first training example, trained tokens in [[ ]]:")
         print("    " + checked.example.replace("\n", "\n    "))
