@@ -353,34 +353,33 @@ def _adapter_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("-v", "--verbose", action="store_true", help="show the libraries' logs")
 
 
+def _job_arguments(command: argparse.ArgumentParser, job_help: str, memory_check: bool = False) -> None:
+    """What every command that reads a job file takes."""
+    command.add_argument("job", help=job_help)
+    command.add_argument("overrides", nargs="*", metavar="key.path=value", help="override spec fields")
+    command.add_argument("-v", "--verbose", action="store_true", help="show Ray's and the libraries' logs")
+    if memory_check:
+        command.add_argument("--skip-memory-check", action="store_true",
+                             help="launch even when the memory estimate exceeds a worker's device")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orchestrator", description="Distributed LoRA fine-tuning on Ray.")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, handler, text in (("train", _train, "train a LoRA adapter on Ray Train + DeepSpeed"),
                                 ("validate", _validate, "check a job file, its data and model; starts no Ray")):
         command = commands.add_parser(name, help=text, description=text)
-        command.add_argument("job", help="job YAML file")
-        command.add_argument("overrides", nargs="*", metavar="key.path=value", help="override spec fields")
-        command.add_argument("-v", "--verbose", action="store_true", help="show Ray's and the libraries' logs")
-        if name == "train":
-            command.add_argument("--skip-memory-check", action="store_true",
-                                 help="launch even when the memory estimate exceeds a worker's device")
+        _job_arguments(command, "job YAML file", memory_check=name == "train")
         command.set_defaults(handler=handler)
     search = commands.add_parser("tune", help="search LoRA hyperparameters with Ray Tune (ASHA early stopping)",
                                  description="Run the job's tune section: one Ray Train job per trial.")
-    search.add_argument("job", help="job YAML file with a tune section")
-    search.add_argument("overrides", nargs="*", metavar="key.path=value", help="override spec fields")
+    _job_arguments(search, "job YAML file with a tune section", memory_check=True)
     search.add_argument("--resume", action="store_true", help="continue a study whose driver stopped")
-    search.add_argument("--skip-memory-check", action="store_true",
-                        help="launch even when the memory estimate exceeds a worker's device")
-    search.add_argument("-v", "--verbose", action="store_true", help="show Ray's and the libraries' logs")
     search.set_defaults(handler=_tune)
     again = commands.add_parser("retrain", help="train a challenger on the newest data snapshot; promote it to "
                                 "champion only if it beats the champion (exit 0 promoted, 3 kept)",
                                 description="What a schedule runs. Idempotent per data snapshot.")
-    again.add_argument("job", help="job YAML file with a retrain section")
-    again.add_argument("overrides", nargs="*", metavar="key.path=value", help="override spec fields")
-    again.add_argument("-v", "--verbose", action="store_true", help="show Ray's and the libraries' logs")
+    _job_arguments(again, "job YAML file with a retrain section")
     again.set_defaults(handler=_retrain)
     remote = commands.add_parser("submit", help="run an orchestrator command on a Ray cluster via the Ray Jobs API",
                                  description="Uploads the current folder and this orchestrator package, runs "
@@ -473,25 +472,19 @@ def build_parser() -> argparse.ArgumentParser:
                                  "measured", description="One Ray Tune grid trial per method (same data, same steps, "
                                  "no early stopping): share of parameters trained, peak memory per worker, wall "
                                  "time and the task metric, also relative to full fine-tuning.")
-    versus.add_argument("job", help="job YAML file")
-    versus.add_argument("overrides", nargs="*", metavar="key.path=value", help="override spec fields")
+    _job_arguments(versus, "job YAML file", memory_check=True)
     versus.add_argument("--methods", default="full,lora:r=8,lora:r=16,prefix,prompt,ia3",
                         help="comma-separated: full, lora, qlora, ia3, prompt, prefix, each with options after "
                              "colons: r, alpha, lr, tokens (e.g. lora:r=16:lr=1e-3)")
-    versus.add_argument("--skip-memory-check", action="store_true",
-                        help="launch even when the memory estimate exceeds a worker's device")
-    versus.add_argument("-v", "--verbose", action="store_true", help="show Ray's and the libraries' logs")
     versus.set_defaults(handler=_compare)
     sizing = commands.add_parser("plan", help="estimate memory per device for full, LoRA and QLoRA at each ZeRO "
                                  "stage, and recommend settings that fit",
                                  description="From the model's config alone (built on the meta device, no weights "
                                              "read): weights, gradients, optimizer states, ZeRO buckets, activations "
                                              "and runtime per device.")
-    sizing.add_argument("job", help="job YAML file")
-    sizing.add_argument("overrides", nargs="*", metavar="key.path=value", help="override spec fields")
+    _job_arguments(sizing, "job YAML file")
     sizing.add_argument("--device-memory", help="memory of one device, e.g. 80GiB (default on CPU jobs: this "
                         "machine's RAM / workers)")
-    sizing.add_argument("-v", "--verbose", action="store_true", help="show the libraries' logs")
     sizing.set_defaults(handler=_plan)
     mix = commands.add_parser("compose", help="combine causal LM adapters on one base into a new adapter",
                               description="PEFT weighted combination: cat (exact weighted sum, rank adds up), svd "

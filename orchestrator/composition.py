@@ -22,11 +22,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.inference import add_adapters, load_adapter
+from orchestrator.inference import add_adapters, check_new_folder, load_adapter, new_folder
 from orchestrator.spec import SpecError
 
 METHODS = {"linear": "linear", "cat": "cat", "svd": "svd", "ties": "ties", "ties_svd": "ties_svd",
@@ -89,9 +88,7 @@ def compose(references: list[str], weights: list[float], method: str, out: str, 
         raise SpecError(f"--density: only for ties, dare and magnitude_prune methods, not {method}")
     if svd_rank is not None and (not combination.endswith("svd") or svd_rank < 1):
         raise SpecError("--svd-rank: a positive rank, for the svd methods only")
-    target = Path(out)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise SpecError(f"--out: {out} exists and is not empty; give a new folder")
+    check_new_folder(out)
     configs = [_adapter_config(reference, tracking_uri) for reference in references]
     if any(config.get("task_type") != "CAUSAL_LM" for config in configs):
         raise SpecError("--adapter: compose combines causal LM adapters; a classifier adapter carries its own "
@@ -113,9 +110,7 @@ def compose(references: list[str], weights: list[float], method: str, out: str, 
     rank = model.peft_config[COMPOSED].r
     trainable = sum(p.numel() for n, p in model.named_parameters() if f".{COMPOSED}." in n)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with new_folder(out) as partial:
         model.save_pretrained(partial, selected_adapters=[COMPOSED], safe_serialization=True)
         saved = partial / COMPOSED if (partial / COMPOSED).is_dir() else partial  # PEFT nests non-default names
         for file in list(saved.iterdir()) if saved != partial else []:
@@ -130,12 +125,7 @@ def compose(references: list[str], weights: list[float], method: str, out: str, 
             {"adapters": references, "weights": weights, "method": method, "combination_type": combination,
              "density": density, "svd_rank": svd_rank, "seed": seed, "rank": rank, "base": loaded.base.path},
             indent=1))
-        if target.exists():
-            target.rmdir()  # empty, checked above
-        os.replace(partial, target)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return Composition(str(target), combination, rank, trainable)
+    return Composition(out, combination, rank, trainable)
 
 
 def _adapter_config(reference: str, tracking_uri: str | None) -> dict:

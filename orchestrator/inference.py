@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,14 +158,10 @@ def merge_adapter(loaded: LoadedAdapter, out: str, max_shard_size: str = "2GB") 
         SpecError: ``out`` exists and is not empty, or the base is quantized (merging would need to
             dequantize it; the result would not be the quantized model the adapter was trained on).
     """
-    import shutil
-    import tempfile
 
     import torch
 
-    target = Path(out)
-    if target.exists() and any(target.iterdir()):
-        raise SpecError(f"--out: {out} exists and is not empty; give a new folder")
+    check_new_folder(out)
     base = loaded.model.get_base_model()
     if getattr(base.config, "quantization_config", None) or getattr(base, "is_quantized", False):
         raise SpecError(f"merge: the base model {loaded.base.path} is quantized; merging LoRA into quantized weights "
@@ -187,9 +185,7 @@ def merge_adapter(loaded: LoadedAdapter, out: str, max_shard_size: str = "2GB") 
     if not max_abs_diff <= tolerance:
         raise RuntimeError(f"merged and unmerged outputs differ by {max_abs_diff:.3g} (> {tolerance:g} for {dtype}); "
                            "nothing written")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with new_folder(out) as partial:
         merged_model.save_pretrained(partial, safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(partial)
         if loaded.labels is not None:
@@ -198,12 +194,7 @@ def merge_adapter(loaded: LoadedAdapter, out: str, max_shard_size: str = "2GB") 
             (partial / LABELS_FILE).write_text(json.dumps(loaded.labels, indent=1))
         (partial / "MERGED_FROM").write_text(f"adapter {loaded.folder}\nbase {loaded.base.path}\n"
                                              f"max |merged - unmerged| logit on the probe batch: {max_abs_diff:.3g}\n")
-        if target.exists():
-            target.rmdir()  # empty, checked above
-        os.replace(partial, target)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return MergeReport(str(target), max_abs_diff, tolerance, dtype)
+    return MergeReport(out, max_abs_diff, tolerance, dtype)
 
 
 def add_adapters(loaded: LoadedAdapter, named: dict[str, str], tracking_uri: str | None = None) -> list[str]:
@@ -322,6 +313,33 @@ def read_rows(path: str) -> list[dict]:
     return json.loads(frame.to_json(orient="records", force_ascii=False))
 
 
+def check_new_folder(out: str) -> Path:
+    """``--out`` must be a new or empty folder. Raises SpecError otherwise."""
+    target = Path(out)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise SpecError(f"--out: {out} exists and is not empty; give a new folder")
+    return target
+
+
+@contextmanager
+def new_folder(out: str) -> Iterator[Path]:
+    """Yields a folder beside ``out`` to write into; renames it to ``out`` when the block succeeds, removes it
+    when it fails, so ``out`` is either complete or absent (an empty ``out`` is replaced)."""
+    import shutil
+    import tempfile
+
+    target = check_new_folder(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield partial
+        if target.exists():
+            target.rmdir()  # empty, checked above
+        os.replace(partial, target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def write_jsonl(rows: list[dict], path: str) -> None:
     """Writes next to ``path`` and renames into place: a reader never sees half a file."""
     import tempfile
@@ -343,23 +361,13 @@ def export_peft(reference: str, out: str, tracking_uri: str | None = None) -> st
     """The adapter as serving engines load it for multi-adapter serving (vLLM ``--lora-modules``, TGI
     ``LORA_ADAPTERS``, PEFT ``load_adapter``): the plain PEFT files, safetensors only, written atomically."""
     import shutil
-    import tempfile
 
     folder = Path(adapter_folder(reference, tracking_uri))
-    target = Path(out)
-    if target.exists() and any(target.iterdir()):
-        raise SpecError(f"--out: {out} exists and is not empty; give a new folder")
+    check_new_folder(out)
     if not (folder / "adapter_model.safetensors").is_file():
         raise SpecError(f"--adapter: {folder} has no adapter_model.safetensors; only safetensors adapters are exported")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with new_folder(out) as partial:
         for name in PEFT_FILES:
             if (folder / name).is_file():
                 shutil.copy2(folder / name, partial / name)
-        if target.exists():
-            target.rmdir()
-        os.replace(partial, target)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return str(target)
+    return out

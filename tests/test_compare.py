@@ -33,8 +33,8 @@ def test_compare_trains_each_method_and_reports_them_side_by_side(ray_cluster, m
                                                                  tmp_path, capsys):
     from mlflow import MlflowClient
 
-    raw = tiny_job(tmp_path, tiny_model, tiny_data, scaling={"num_workers": 1},
-                   train={"epochs": 2, "micro_batch_size": 16, "learning_rate": 0.01},
+    raw = tiny_job(tmp_path, tiny_model, tiny_data, scaling={"num_workers": 1, "cpus_per_worker": 0.5},  # all 3 at once
+                   train={"epochs": 1, "micro_batch_size": 16, "learning_rate": 0.01},
                    tracking={"uri": mlflow_server, "experiment": "comparisons"})
     job = write_job(tmp_path / "job.yaml", raw)
     assert main(["compare", str(job), "--methods", "full:lr=1e-3,lora:r=4,ia3,qlora,prefix"]) == 0

@@ -134,23 +134,20 @@ def test_prediction_is_within_25_percent_of_measured_peak(model, checkpointing, 
 
 def test_train_refuses_a_job_that_does_not_fit_before_ray_starts(tiny_model, tiny_data, tmp_path, capsys,
                                                                  monkeypatch):
-    import ray
-
     from orchestrator import launcher
 
+    def reached(*_args, **_kwargs):  # connecting to (or starting) Ray is the first cluster step
+        raise SpecError("reached the launch")
+
+    monkeypatch.setattr(launcher, "connect", reached)
     job = write_job(tmp_path / "job.yaml", tiny_job(tmp_path, tiny_model, tiny_data,
                                                     scaling={"num_workers": 2, "device_memory_gb": 0.25}))
     assert main(["train", str(job)]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert "memory: the job needs about 1.0 GiB per worker" in err and "0.2 GiB" in err
-    assert "--skip-memory-check" in err
-    assert not ray.is_initialized() and not (tmp_path / "out").exists()
-
-    def reached(*_args, **_kwargs):
-        raise SpecError("reached the launch")
-
-    monkeypatch.setattr(launcher, "connect", reached)  # past the check: stop before starting a cluster
-    assert main(["train", str(job), "--skip-memory-check"]) == EXIT_BAD_INPUT
+    assert "--skip-memory-check" in err and "reached the launch" not in err  # refused before any Ray step
+    assert not (tmp_path / "out").exists()
+    assert main(["train", str(job), "--skip-memory-check"]) == EXIT_BAD_INPUT  # the override: past the check
     assert "reached the launch" in capsys.readouterr().err
 
 
