@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from orchestrator.memory import model_shape
 from orchestrator.modeling import (
@@ -15,7 +16,7 @@ from orchestrator.modeling import (
     read_deepspeed_json,
 )
 from orchestrator.planning import BatchPlan, deepspeed_config, plan_batches
-from orchestrator.spec import JobSpec
+from orchestrator.spec import JobSpec, SpecError
 from orchestrator.tasks import load_data
 
 
@@ -38,14 +39,11 @@ def preflight(spec: JobSpec) -> Preflight:
     check_target_modules(spec.lora, names)
     shape = model_shape(spec, len(data.label_names) if data.label_names else None)
     example, dropped, rows = None, {}, len(data.train)
+    tokenizer = load_tokenizer(spec)  # the workers' first step: a folder without one fails here, not there
     if spec.model.task == "causal_lm":
-        from transformers import AutoTokenizer
-
         from orchestrator.lm_data import encode, show
-        from orchestrator.modeling import model_folder
         from orchestrator.tasks import CausalLM
 
-        tokenizer = AutoTokenizer.from_pretrained(model_folder(spec.model))
         task = CausalLM(data, tokenizer, spec)  # tokenises every split: the checks the workers would hit later
         rows, dropped = task.size("train"), {k: v for k, v in task.dropped.items() if v}
         example = show(encode(data.train.records[0], tokenizer, spec.data.max_length, spec.data.train_on), tokenizer)
@@ -54,3 +52,25 @@ def preflight(spec: JobSpec) -> Preflight:
     if spec.model.adapter and not spec.model.adapter.startswith("models:/") and data.label_names:
         check_adapter_labels(spec.model.adapter, data.label_names)
     return Preflight(data, plan, total, len(names), rows, example, dropped, shape)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model", "merges.txt")
+
+
+def load_tokenizer(spec: JobSpec):
+    """The model folder's tokenizer. Raises SpecError naming model.path when it has none that loads."""
+    from transformers import AutoTokenizer
+
+    from orchestrator.modeling import model_folder
+
+    folder = model_folder(spec.model)
+    if Path(folder).is_dir() and not any(Path(folder, name).is_file() for name in TOKENIZER_FILES):
+        # transformers 5 would build an empty tokenizer (special tokens only) and train on [UNK]s
+        raise SpecError(f"model.path: {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...); "
+                        "save the tokenizer with the model (tokenizer.save_pretrained(folder))")
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.model.trust_remote_code)
+    except Exception as error:  # OSError / ValueError / KeyError, by tokenizer class
+        raise SpecError(f"model.path: no usable tokenizer in {folder} ({type(error).__name__}: {str(error)[:160]}); "
+                        "save the tokenizer with the model (tokenizer.save_pretrained(folder))") from None

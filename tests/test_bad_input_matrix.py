@@ -100,7 +100,7 @@ def test_each_malformed_input_is_refused_with_its_field_and_nothing_left(tmp_pat
     from orchestrator import launcher
 
     def reached(*_args, **_kwargs):
-        raise AssertionError("a Ray step was reached")
+        raise SpecError("a Ray step was reached")
 
     monkeypatch.setattr(launcher, "connect", reached)
     table = cases(tmp_path, tiny_model)
