@@ -34,6 +34,12 @@ class Preflight:
 
 def preflight(spec: JobSpec) -> Preflight:
     """Raises :class:`orchestrator.spec.SpecError` naming the field to fix; returns what it learned."""
+    if spec.model.trust_remote_code:
+        import sys
+
+        print(f"warning: model.trust_remote_code is on: Python code shipped in {spec.model.path} will run on the "
+              "driver and on every worker; turn it off unless the model needs it and you trust its source",
+              file=sys.stderr)
     data = load_data(spec)
     names, total = linear_module_names(spec, len(data.label_names) if data.label_names else None)
     check_target_modules(spec.lora, names)
