@@ -142,7 +142,9 @@ def check_model_name(name: str) -> None:
     """Raises SpecError unless ``name`` is a plain registered model name (checked before any work)."""
     import re
 
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
+    from orchestrator.spec import MODEL_NAME_PATTERN
+
+    if not re.fullmatch(MODEL_NAME_PATTERN, name):
         raise SpecError(f"--register: '{name}' is not a registered model name (letters, digits, '_', '.', '-'; "
                         "no slashes)")
 

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.promotion import history_after, parse_history, rollback_target
-from orchestrator.spec import SpecError
+from orchestrator.spec import MODEL_NAME_PATTERN, SpecError
 from orchestrator.tracking import ADAPTER_ARTIFACT, fail_fast
 
 LOCK_SUFFIX = ".promotion-lock"  # a registered model that exists while someone moves an alias
 HISTORY_TAG = "orchestrator.alias_history.{alias}"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+_NAME = re.compile(MODEL_NAME_PATTERN)
 
 
 class RegistryError(SpecError):

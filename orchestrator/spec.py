@@ -163,9 +163,12 @@ def _no_credentials_in_uri(uri: str | None) -> str | None:
     return uri
 
 
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"  # a registered model name: no slashes, no '..' start
+
+
 class RegistrySpec(_Strict):
     name: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",
+        None, pattern=MODEL_NAME_PATTERN,
         description="Registered model name in the MLflow model registry. Default: the job name.")
     challenger_alias: str = Field("challenger", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$",
                                   description="Alias a search or retrain gives its newest candidate version.")

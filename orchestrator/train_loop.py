@@ -145,9 +145,9 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
             dist.all_reduce(stats)  # sums over workers; seconds summed too, so divide by world size
             seconds = stats[3].item() / ctx.world_size
             train_seconds += seconds
+            peak_mb = _peak_memory_mb(spec.scaling.use_gpu)
             metrics = {"train_loss": stats[0].item() / ctx.world_size / window["steps"],
-                       "peak_memory_mb": _peak_memory_mb(spec.scaling.use_gpu),
-                       "train_memory_mb": _peak_memory_mb(spec.scaling.use_gpu) - before_model_mb,
+                       "peak_memory_mb": peak_mb, "train_memory_mb": peak_mb - before_model_mb,
                        "learning_rate": engine.get_lr()[0], "tokens_per_s": stats[1].item() / seconds,
                        "samples_per_s": stats[2].item() / seconds, "train_seconds": train_seconds,
                        "epoch": done * plan.gradient_accumulation_steps / plan.micro_batches_per_epoch}
