@@ -111,6 +111,19 @@ def read_deepspeed_json(path: str | None) -> dict | None:
     return config
 
 
+def skip_shared_memory_allreduce() -> None:
+    """Keeps DeepSpeed from JIT-building its shared-memory all-reduce op at every ``deepspeed.initialize``.
+
+    Only ``inference_all_reduce`` (tensor-parallel serving) uses that op; training's collectives go through
+    torch.distributed. Loading it takes a lock file in ~/.cache/torch_extensions that a worker killed while
+    holding it (SIGKILL, the OOM killer, a restarted worker group) leaves behind, after which every DeepSpeed
+    start on that machine waits forever; and its /dev/shm segments outlive a killed worker.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # build_shm_op() then returns None
+
+
 def load_model_config(spec: JobSpec, num_labels: int | None):
     from transformers import AutoConfig
 

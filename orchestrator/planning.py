@@ -123,9 +123,10 @@ def deepspeed_config(spec: JobSpec, plan: BatchPlan, user_config: dict[str, Any]
         **batch,
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": train.learning_rate, "weight_decay": train.weight_decay, "betas": [0.9, 0.999]},
-            # Fused CUDA / compiled CPU Adam kernels are unavailable on CPU-only machines; torch's is exact.
-            "torch_adam": not spec.scaling.use_gpu,
+            # On CPU, torch's AdamW: DeepSpeed's compiled CPU Adam would be JIT-built (a minute) on every fresh
+            # machine. DeepSpeed reads the flag from "params"; beside it, it is silently ignored.
+            "params": {"lr": train.learning_rate, "weight_decay": train.weight_decay, "betas": [0.9, 0.999],
+                       "torch_adam": not spec.scaling.use_gpu},
         },
         "gradient_clipping": train.max_grad_norm,
         "bf16": {"enabled": train.precision == "bf16"},

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.modeling import LABELS_FILE, build_peft_model, model_folder, parameter_counts, read_deepspeed_json
+from orchestrator.modeling import (
+    LABELS_FILE,
+    build_peft_model,
+    model_folder,
+    parameter_counts,
+    read_deepspeed_json,
+    skip_shared_memory_allreduce,
+)
 from orchestrator.planning import deepspeed_config, eval_shard, lr_multiplier, micro_batch_indices, plan_batches
 from orchestrator.session import WorkerContext
 from orchestrator.spec import JobSpec
@@ -46,6 +53,7 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
     before_model_mb = _memory_now_mb(spec.scaling.use_gpu)  # what the model and training add is measured from here
     model = build_peft_model(spec, task.label_names)
     trainable, total = parameter_counts(model)
+    skip_shared_memory_allreduce()
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
