@@ -10,11 +10,12 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
 
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_KEPT = 1, 2, 3
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_KEPT, EXIT_UNRECORDED = 1, 2, 3, 4
 
 
 def _quiet(verbose: bool) -> None:
@@ -510,11 +511,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, ``kill``), handled as Ctrl-C: runs end KILLED, checkpoints stay, reruns resume."""
+
+
+_signalled: list[int] = []  # what stopped the command (Ray Train re-raises a plain KeyboardInterrupt)
+
+
+def _raise_terminated(signum, frame) -> None:
+    _signalled.append(signum)
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet(args.verbose)
+    if argv is None:  # the command itself, not a caller's main([...]) (a caller keeps its own SIGTERM handling)
+        signal.signal(signal.SIGTERM, _raise_terminated)
     from orchestrator.launcher import TrainingFailed
     from orchestrator.spec import SpecError
+    from orchestrator.tracking import TrackingUnavailable
     from orchestrator.tuning import StudyFailed
 
     try:
@@ -529,10 +545,14 @@ def main(argv: list[str] | None = None) -> int:
     except StudyFailed as error:
         print(f"error: search failed: {error}\n  (rerun with -v for the workers' logs)", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
+    except TrackingUnavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_UNRECORDED
+    except KeyboardInterrupt as error:
         print("interrupted; rerun the same job to resume from its last checkpoint (a search: orchestrator tune JOB "
               "--resume)", file=sys.stderr)
-        return 130
+        terminated = isinstance(error, Terminated) or signal.SIGTERM in _signalled
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ class TrainingConsole:
             self._progress.update(self._task, completed=event["step"], accuracy=f"ppl {event['eval_perplexity']:.2f}")
             self.console.print(f"step {event['step']}/{event['total']}: eval loss {event['eval_loss']:.4f}  "
                                f"perplexity {event['eval_perplexity']:.3f}")
+        elif kind == "warning":
+            self.console.print(f"warning: {event['text']}", markup=False, soft_wrap=True)
         elif kind == "samples":
             when = "base model" if event["step"] == 0 else f"step {event['step']}"
             for prompt, completion in event["samples"]:

@@ -8,7 +8,9 @@ controller's poll interval, so it is called only at evaluation and checkpoint st
 from __future__ import annotations
 
 import logging
+import math
 import os
+import signal
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -85,12 +87,15 @@ def connect(verbose: bool = False) -> None:
     local = {} if address else {"include_dashboard": True, "dashboard_host": "127.0.0.1",
                                 "_node_ip_address": "127.0.0.1"}
     here = os.getcwd()
+    on_term = signal.getsignal(signal.SIGTERM)
     ray.init(
         address=address,
         **local,
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.ERROR,
     )
+    if callable(on_term) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)  # ray.init replaces it with sys.exit: the run would end FAILED
     # Inside a Ray job (orchestrator submit), Ray re-extracts the uploaded working_dir under the running driver,
     # during ray.init or later, leaving this process's cwd on a deleted copy: os.getcwd() then fails (measured on
     # Ray 2.60, e.g. in MLflow's SQLite store). The spec's paths are absolute by now, so a job's driver moves to a
@@ -154,6 +159,12 @@ def check_memory(spec: JobSpec, shape, nodes: list[dict[str, float]]) -> None:
         check_fits(spec, shape, available, where)
 
 
+def _placement_attempts(spec: JobSpec) -> int:
+    """Attempts at placing the worker group, each of at most 60 s (0 = no limit, for an autoscaling cluster)."""
+    wait = spec.scaling.resource_wait_s
+    return 0 if wait is None else max(1, math.ceil(wait / min(wait, 60.0)))
+
+
 def run_training(spec: JobSpec, tracking_uri: str, run_id: str, on_progress: Callable[[dict], None],
                  verbose: bool = False) -> dict[str, float]:
     """Runs the job on the connected cluster; returns rank 0's final metrics.
@@ -161,9 +172,13 @@ def run_training(spec: JobSpec, tracking_uri: str, run_id: str, on_progress: Cal
     Raises:
         TrainingFailed: when the workers fail beyond ``scaling.max_failures``.
     """
+    import ray
     from ray.util.queue import Empty, Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    progress = Queue(actor_options={"num_cpus": 0})
+    # On the driver's node: losing a worker node must not take the console's progress with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     stop = threading.Event()
 
     def pump() -> None:
@@ -186,8 +201,11 @@ def run_training(spec: JobSpec, tracking_uri: str, run_id: str, on_progress: Cal
     finally:
         stop.set()
         thread.join(timeout=2)
-        while not progress.empty():  # deliver what arrived after the pump stopped
-            on_progress(progress.get_nowait())
+        try:
+            while not progress.empty():  # deliver what arrived after the pump stopped
+                on_progress(progress.get_nowait())
+        except ray.exceptions.RayError:
+            pass  # the queue's node is gone: its last lines are lost, the outcome is not
     if result.error:
         raise TrainingFailed(worker_error(result.error))
     return dict(result.metrics or {})
@@ -198,6 +216,10 @@ def make_trainer(spec: JobSpec, loop_config: dict[str, Any], name: str, verbose:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # Each attempt to place the worker group waits this long (Ray Train propagates the variable to its
+    # controller); a failed attempt is retried up to scaling.resource_wait_s in all. Ray's default retries
+    # forever: a run that lost a node for good would hang instead of failing.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(min(spec.scaling.resource_wait_s or 60.0, 60.0))
     return TorchTrainer(
         _worker_entry,
         train_loop_config=loop_config,
@@ -212,7 +234,8 @@ def make_trainer(spec: JobSpec, loop_config: dict[str, Any], name: str, verbose:
             name=name,
             storage_path=os.path.join(spec.output_dir, "ray"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=spec.scaling.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=spec.scaling.max_failures,
+                                                   controller_failure_limit=_placement_attempts(spec) - 1),
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if spec.scaling.use_gpu else "cpu",
                                              "TRANSFORMERS_VERBOSITY": "info" if verbose else "error",
                                              "TOKENIZERS_PARALLELISM": "false",

@@ -124,6 +124,37 @@ def skip_shared_memory_allreduce() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # build_shm_op() then returns None
 
 
+# The only classes DeepSpeed pickles into the checkpoints our jobs write (ZeRO 0-3, fp32/bf16, offload); the
+# rest is tensors, numbers, strings and dicts.
+DEEPSPEED_CHECKPOINT_CLASSES = (
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+)
+
+
+def load_checkpoints_as_data(engine) -> None:
+    """Makes ``engine.load_checkpoint`` unpickle with ``weights_only=True``.
+
+    DeepSpeed's checkpoint engine calls ``torch.load(..., weights_only=False)``: a file planted in the
+    checkpoint storage would run arbitrary code on every worker at resume. Ours allows tensors and plain data
+    plus the few DeepSpeed classes its checkpoints hold (:data:`DEEPSPEED_CHECKPOINT_CLASSES`); anything else is
+    refused with torch's UnpicklingError naming the global.
+    """
+    import importlib
+
+    import torch
+
+    allowed = [getattr(importlib.import_module(module), name)
+               for module, _, name in (dotted.rpartition(".") for dotted in DEEPSPEED_CHECKPOINT_CLASSES)]
+
+    def load(path: str, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    engine.checkpoint_engine.load = load
+
+
 def load_model_config(spec: JobSpec, num_labels: int | None):
     from transformers import AutoConfig
 

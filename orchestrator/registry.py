@@ -261,6 +261,7 @@ def pull(client, ref: Ref, dest: str) -> tuple[str, str]:
         RegistryError: for an unknown reference, a non-empty ``dest``, or a download that is not an adapter.
     """
     import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
 
     target = Path(dest).expanduser().resolve()
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
@@ -270,8 +271,15 @@ def pull(client, ref: Ref, dest: str) -> tuple[str, str]:
     staging = Path(tempfile.mkdtemp(prefix=".pull-", dir=target.parent))
     try:
         uri = client.get_model_version_download_uri(ref.name, version.version)
-        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(staging),
-                                                          tracking_uri=client.tracking_uri))
+        try:  # MLflow refuses listed paths that leave the folder ('..', absolute); we say so and write nothing
+            folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(staging),
+                                                              tracking_uri=client.tracking_uri))
+        except MlflowException as error:
+            raise RegistryError(f"{ref} (version {version.version}): downloading {uri} failed or was refused: "
+                                f"{str(error)[:300]}; nothing was written to {target}") from None
+        if any(p.is_symlink() or not p.resolve().is_relative_to(staging.resolve()) for p in folder.rglob("*")):
+            raise RegistryError(f"{ref} (version {version.version}): the download holds links or paths outside "
+                                f"the folder; refused, nothing was written to {target}")
         if not (folder / "adapter_config.json").is_file():
             raise RegistryError(f"{ref} (version {version.version}) is not a PEFT adapter: no adapter_config.json "
                                 f"in {uri}")
@@ -333,14 +341,15 @@ def who() -> str:
 def promotion_lock(client, name: str, stale_after_s: float = 600.0, wait_s: float | None = None):
     """Holds the model's promotion lock: a registered model ``NAME.promotion-lock`` whose creation is atomic in
     the registry, so racing drivers on different machines take turns. A lock older than ``stale_after_s`` (its
-    holder died) is broken."""
+    holder died), or one whose holder ran on this machine and is gone, is broken."""
     from mlflow.exceptions import MlflowException
 
     lock, holder = f"{name}{LOCK_SUFFIX}", f"{who()} pid {os.getpid()}"
     deadline = time.monotonic() + (stale_after_s if wait_s is None else wait_s)
     while True:
         try:
-            client.create_registered_model(lock, tags={"holder": holder, "since": repr(time.time())},
+            client.create_registered_model(lock, tags={"holder": holder, "since": repr(time.time()),
+                                                       "host": socket.gethostname(), "pid": str(os.getpid())},
                                            description=f"held while {holder} moves aliases of {name}")
             break
         except MlflowException as error:
@@ -350,8 +359,9 @@ def promotion_lock(client, name: str, stale_after_s: float = 600.0, wait_s: floa
             held = client.get_registered_model(lock)
         except MlflowException:
             continue  # released in between
-        age = time.time() - float((held.tags or {}).get("since", "0") or 0)
-        if age > stale_after_s:
+        tags = held.tags or {}
+        age = time.time() - float(tags.get("since", "0") or 0)
+        if age > stale_after_s or _dead_here(tags):
             client.delete_registered_model(lock)  # its holder died mid-promotion
             continue
         if time.monotonic() > deadline:
@@ -365,6 +375,20 @@ def promotion_lock(client, name: str, stale_after_s: float = 600.0, wait_s: floa
             client.delete_registered_model(lock)
         except MlflowException:
             pass  # broken as stale by someone else
+
+
+def _dead_here(tags: dict[str, str]) -> bool:
+    """Whether a lock's holder ran on this machine and is gone (killed, crashed): its lock need not age out."""
+    pid = int(tags.get("pid", "0") or 0) if str(tags.get("pid", "")).isdigit() else 0
+    if tags.get("host") != socket.gethostname() or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def move_alias(client, name: str, alias: str, version: str, reason: str, action: str = "promote") -> str | None:

@@ -11,6 +11,7 @@ and a rerun after a crash finishes what was decided.
 from __future__ import annotations
 
 import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,6 @@ from orchestrator.promotion import (
     Snapshot,
     decide,
     decision_tags,
-    parse_history,
     resolve_snapshot,
     snapshot_job,
 )
@@ -75,7 +75,7 @@ def retrain(spec: JobSpec, verbose: bool = False) -> RetrainResult:
     with registry.promotion_lock(client, name, stale_after_s=rule.lock_timeout_s):
         earlier = _decided(client, name, snapshot.digest)  # a racing retrain of this snapshot got here first
         if earlier is not None:
-            return _finish_earlier(client, spec, snapshot, earlier)
+            return _finish_earlier(client, spec, snapshot, earlier, locked=True)
         champion = _champion(client, name, alias)
         challenger_value = _evaluate(adapter, job, holdout, checked.data.label_names)[rule.metric]
         champion_value = None
@@ -91,26 +91,43 @@ def retrain(spec: JobSpec, verbose: bool = False) -> RetrainResult:
         tags = {**decision_tags(snapshot, rule, decision, challenger_value, champion_value, champion_version),
                 "base_model": spec.model.path, "orchestrator.job": spec.name,
                 "orchestrator.holdout": f"{holdout.name} ({len(holdout.texts)} rows)"}
+        # From here to the decision run's tag, a crash is finished by the next run on this snapshot
+        # (_finish_earlier): the version's tags hold the decision; DECISION_RUN_TAG, written last, marks it done.
+        # All of it under the lock, so a racing retrain of this snapshot never sees it half done.
         version = registry.register_adapter(client, name, run_id, tags)
         registry.move_alias(client, name, spec.registry.challenger_alias, version,
                             f"retrain challenger on snapshot {snapshot.name}")
         if decision.promote:
             registry.move_alias(client, name, alias, version, decision.reason)
-    metrics = {f"challenger_{rule.metric}": challenger_value}
-    if champion_value is not None:
-        metrics[f"champion_{rule.metric}"] = champion_value
+        decision_run = _record_decision(client, uri, spec, snapshot, version, run_id, decision, challenger_value,
+                                        champion_value, champion_version, holdout.source)
+    return RetrainResult(snapshot, decision, name, version, version if decision.promote else champion_version,
+                         challenger_value, champion_value, decision_run, reused=False)
+
+
+DECISION_RUN_TAG = "orchestrator.decision_run_id"
+
+
+def _record_decision(client, uri: str, spec: JobSpec, snapshot: Snapshot, version: str, run_id: str,
+                     decision: Decision, challenger_value: float | None, champion_value: float | None,
+                     champion_version: str | None, holdout: str) -> str:
+    """The decision's finished MLflow run, then its id on the version: the last write of a retrain."""
+    from orchestrator import tracking
+
+    assert spec.retrain is not None
+    rule, name = spec.retrain, spec.registered_model_name()
+    metrics = {f"challenger_{rule.metric}": challenger_value, f"champion_{rule.metric}": champion_value}
     decision_run = tracking.log_decision_run(
         uri, spec, f"retrain-{snapshot.name}",
         params={"snapshot": snapshot.name, "data_digest": snapshot.digest, "metric": rule.metric,
-                "margin": rule.margin, "minimum": rule.minimum, "holdout": holdout.source,
+                "margin": rule.margin, "minimum": rule.minimum, "holdout": holdout,
                 "challenger_version": version, "champion_version": champion_version or "none",
                 "challenger_run_id": run_id},
-        metrics=metrics,
+        metrics={k: v for k, v in metrics.items() if v is not None},
         tags={TAG_DECISION: decision.outcome, TAG_REASON: decision.reason, TAG_DIGEST: snapshot.digest,
               "orchestrator.registered_model": name})
-    client.set_model_version_tag(name, version, "orchestrator.decision_run_id", decision_run)
-    return RetrainResult(snapshot, decision, name, version, version if decision.promote else champion_version,
-                         challenger_value, champion_value, decision_run, reused=False)
+    client.set_model_version_tag(name, version, DECISION_RUN_TAG, decision_run)
+    return decision_run
 
 
 def _train_challenger(job: JobSpec, verbose: bool) -> tuple[str, str]:
@@ -157,24 +174,20 @@ def _decided(client, name: str, digest: str):
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
-def _finish_earlier(client, spec: JobSpec, snapshot: Snapshot, version) -> RetrainResult:
-    """Reports an earlier decision on this snapshot; finishes a promotion that a crash cut short (the version
-    was registered as promoted but the alias never moved, and the champion has not changed since)."""
-    from orchestrator import registry
+def _finish_earlier(client, spec: JobSpec, snapshot: Snapshot, version, locked: bool = False) -> RetrainResult:
+    """Reports an earlier decision on this snapshot, first finishing one that a crash cut short.
+
+    A version without :data:`DECISION_RUN_TAG` was registered by a retrain that died before its last write. Its
+    tags hold the decision; under the promotion lock this moves the challenger alias to it (if no newer version
+    exists), the champion alias to it when it was promoted and the champion is still the one it beat, and
+    records the decision run, so that each step happens once whatever point the crash came at.
+    """
+    from orchestrator import registry, tracking
 
     name, alias, tags = spec.registered_model_name(), spec.registry.champion_alias, version.tags or {}
+    number_text = str(version.version)
     outcome = tags.get(TAG_DECISION, KEPT)
     decision = Decision(outcome, outcome in (PROMOTED, FIRST), tags.get(TAG_REASON, ""))
-    champion = registry.aliases_of(registry.get_model(client, name)).get(alias)
-    if decision.promote and champion != str(version.version):
-        with registry.promotion_lock(client, name):
-            model = registry.get_model(client, name)
-            champion = registry.aliases_of(model).get(alias)
-            history = parse_history((model.tags or {}).get(registry.HISTORY_TAG.format(alias=alias)))
-            unchanged = (champion or "") == tags.get("orchestrator.champion_version", "")
-            if str(version.version) not in history and unchanged:
-                registry.move_alias(client, name, alias, str(version.version), decision.reason)
-                champion = str(version.version)
 
     def number(key: str) -> float | None:
         try:
@@ -183,6 +196,22 @@ def _finish_earlier(client, spec: JobSpec, snapshot: Snapshot, version) -> Retra
             return None
 
     metric = tags.get("orchestrator.metric", "")
-    return RetrainResult(snapshot, decision, name, str(version.version), champion,
-                         number(f"orchestrator.eval.{metric}"), number("orchestrator.champion_value"), None,
+    challenger_value, champion_value = number(f"orchestrator.eval.{metric}"), number("orchestrator.champion_value")
+    decided_against = tags.get("orchestrator.champion_version") or None
+    champion = registry.aliases_of(registry.get_model(client, name)).get(alias)
+    if DECISION_RUN_TAG not in tags:
+        with nullcontext() if locked else registry.promotion_lock(client, name):
+            aliases = registry.aliases_of(registry.get_model(client, name))
+            champion = aliases.get(alias)
+            newest = max(int(v.version) for v in registry.versions(client, name)) == int(number_text)
+            if newest and aliases.get(spec.registry.challenger_alias) != number_text:
+                registry.move_alias(client, name, spec.registry.challenger_alias, number_text,
+                                    f"retrain challenger on snapshot {snapshot.name}")
+            if decision.promote and champion != number_text and champion == decided_against:
+                registry.move_alias(client, name, alias, number_text, decision.reason)
+                champion = number_text
+            _record_decision(client, tracking.tracking_uri(spec), spec, snapshot, number_text, version.run_id,
+                             decision, challenger_value, champion_value, decided_against,
+                             tags.get("orchestrator.holdout", ""))
+    return RetrainResult(snapshot, decision, name, number_text, champion, challenger_value, champion_value, None,
                          reused=True)

@@ -141,6 +141,10 @@ class ScalingSpec(_Strict):
                                 "use) for the preflight memory check. Default: read from the cluster.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint; -1: no limit.")
+    resource_wait_s: float | None = Field(
+        600.0, gt=0, description="How long a (re)starting worker group may wait for its resources (a lost node, a "
+                                 "busy cluster) before the run fails; null waits forever (an autoscaling cluster "
+                                 "adding nodes).")
 
 
 class TrackingSpec(_Strict):
@@ -150,6 +154,10 @@ class TrackingSpec(_Strict):
     experiment: str = "orchestrator"
     run_name: str | None = Field(None, description="Default: the job name. Rerunning a run name resumes it.")
     tags: dict[str, str] = Field(default_factory=dict)
+    max_pending: int = Field(10_000, ge=10, description="While the server is unreachable, calls kept locally and "
+                             "delivered when it returns; past this, the oldest metric batches are dropped (counted).")
+    retry_every_s: float = Field(15.0, gt=0, description="How often an unreachable server is tried again; "
+                                 "training never waits longer than one short attempt.")
 
     _plain_uri = field_validator("uri")(classmethod(lambda cls, uri: _no_credentials_in_uri(uri)))
 

@@ -18,6 +18,7 @@ import yaml
 from orchestrator.modeling import (
     LABELS_FILE,
     build_peft_model,
+    load_checkpoints_as_data,
     model_folder,
     parameter_counts,
     read_deepspeed_json,
@@ -27,7 +28,7 @@ from orchestrator.planning import deepspeed_config, eval_shard, lr_multiplier, m
 from orchestrator.session import WorkerContext
 from orchestrator.spec import JobSpec
 from orchestrator.tasks import generate, load_data, make_task
-from orchestrator.tracking import ADAPTER_ARTIFACT, MetricSink, MlflowSink, NullSink
+from orchestrator.tracking import ADAPTER_ARTIFACT, PENDING_FILE, BufferedSink, MetricSink, MlflowSink, NullSink
 
 ADAPTER_DIR = "adapter"
 SAMPLES_TABLE = "samples.json"  # the MLflow table of generated completions (causal LM)
@@ -46,7 +47,11 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
     torch.manual_seed(spec.train.seed)
     if not spec.scaling.use_gpu:
         torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
-    sink: MetricSink = MlflowSink(tracking_uri, run_id) if ctx.rank == 0 and run_id else NullSink()
+    sink: MetricSink = NullSink()
+    if ctx.rank == 0 and run_id:  # an unreachable server never stops training: calls wait locally (bounded)
+        sink = BufferedSink(MlflowSink(tracking_uri, run_id), str(Path(spec.output_dir, PENDING_FILE)),
+                            spec.tracking.max_pending, spec.tracking.retry_every_s,
+                            warn=lambda text: ctx.progress({"event": "warning", "text": text}))
     tokenizer = AutoTokenizer.from_pretrained(model_folder(spec.model))
     task = make_task(spec, load_data(spec), tokenizer)  # classification or causal LM: data, batches, metrics
     plan = plan_batches(spec, task.size("train"))
@@ -62,6 +67,7 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
             optimizer, lambda step: lr_multiplier(step, plan.total_steps, plan.warmup_steps, spec.train.scheduler)),
         dist_init_required=False,
     )
+    load_checkpoints_as_data(engine)
     nodes: list[str | None] = [None] * ctx.world_size
     dist.all_gather_object(nodes, ctx.node_id)  # where each rank runs, recorded on the run
     start_step = 0
@@ -198,6 +204,7 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
         if start_step < plan.total_steps:  # the last evaluation was logged in the loop; a rerun logs nothing twice
             sink.log_metrics({k: v for k, v in final.items() if k.startswith("test_")}, plan.total_steps)
         sink.log_artifacts(adapter, ADAPTER_ARTIFACT)
+        sink.close()  # what the server did not take by now waits in output_dir/mlflow_pending.jsonl
         ctx.progress({"event": "done", "adapter": adapter, **final})
     return final
 

@@ -28,6 +28,7 @@ def train(spec: JobSpec, verbose: bool = False, console: TrainingConsole | None 
         SpecError: bad input, found before any Ray worker starts (nothing is written), including a job whose
             memory estimate exceeds a worker's device (unless ``check_memory`` is False).
         TrainingFailed: the workers failed beyond ``scaling.max_failures``.
+        TrackingUnavailable: trained, but the tracking store stopped answering; the adapter is on disk.
     """
     from orchestrator import launcher, tracking
 
@@ -41,7 +42,8 @@ def train(spec: JobSpec, verbose: bool = False, console: TrainingConsole | None 
     if check_memory and not spec.scaling.device_memory_gb:
         launcher.check_memory(spec, checked.shape, launcher.cluster_nodes())
     uri, run_id = tracking.start_run(spec, data_inputs(checked.data))
-    status = "FAILED"
+    tracking.deliver_pending(uri, run_id, spec.output_dir)  # what an earlier run could not deliver
+    status, recorded = "FAILED", False
     console = console or TrainingConsole()
     try:
         with console:
@@ -51,8 +53,15 @@ def train(spec: JobSpec, verbose: bool = False, console: TrainingConsole | None 
         status = "KILLED"
         raise
     finally:
-        tracking.end_run(uri, run_id, status)
-    return TrainResult(str(Path(spec.output_dir, ADAPTER_DIR)), uri, run_id, metrics)
+        recorded = tracking.end_run(uri, run_id, status)
+    adapter = str(Path(spec.output_dir, ADAPTER_DIR))
+    pending = Path(spec.output_dir, tracking.PENDING_FILE)
+    if pending.exists() or not recorded:
+        raise tracking.TrackingUnavailable(
+            f"trained; the adapter is at {adapter}, but the MLflow store at {uri} did not answer at the end"
+            + (f" ({len(pending.read_text().splitlines())} calls wait in {pending})" if pending.exists() else "")
+            + ". When it is back, rerun the same command: it trains nothing and records the run.")
+    return TrainResult(adapter, uri, run_id, metrics)
 
 
 def with_local_adapter(spec: JobSpec, label_names: list[str] | None) -> JobSpec:

@@ -63,36 +63,11 @@ def lm_job(tmp_path, tiny_llama, tiny_chats):
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` process (SQLite backend, local artifact root) on a loopback port."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    from tests.tiny import MlflowServer
 
-    root = tmp_path_factory.mktemp("mlflow-server")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-               "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
-               "--workers", "1"]
-    log = open(root / "server.log", "wb")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError as error:
-            if server.poll() is not None or time.monotonic() > deadline:
-                log_text = (root / "server.log").read_text()[-2000:]
-                raise RuntimeError(f"mlflow server did not start: {log_text}") from error
-            time.sleep(0.5)
-    yield url
-    server.terminate()
-    server.wait(timeout=30)
-    log.close()
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    yield server.start()
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -162,6 +162,13 @@ def test_nothing_is_exposed_publicly():
         assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in json.dumps(launcher), path
 
 
+def test_the_local_cluster_script_starts_every_node_with_token_auth_and_a_loopback_dashboard():
+    script = (CLUSTER / "local_cluster.sh").read_text(encoding="utf-8")
+    assert re.search(r"^\s*export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=", script, re.MULTILINE)
+    [head] = re.findall(r'"\$RAY" start --head[^\n]*', script)
+    assert "--dashboard-host 127.0.0.1" in head and "0.0.0.0" not in script
+
+
 def test_no_credential_is_written_down():
     for path, doc in KUBE:
         for node in walk(doc):

@@ -96,70 +96,142 @@ def test_more_workers_than_the_cluster_can_place_is_refused_before_any_worker(ra
     assert not Path(raw["output_dir"]).exists()
 
 
-def _registered_checkpoints(output_dir: Path) -> list[str]:
-    """Checkpoints Ray Train has registered (and so restores on a rerun), from its persisted snapshot."""
-    snapshot = output_dir / "ray" / "tiny" / "checkpoint_manager_snapshot.json"
+LONG = {"epochs": None, "max_steps": 40, "checkpoint_every_steps": 5, "eval_every_steps": 5}
+
+
+def _last_checkpoint_step(output: Path) -> int:
+    """The newest checkpoint in Ray Train's persisted snapshot: what a rerun restores (a step_ folder can exist
+    before Ray has registered it)."""
+    snapshot = output / "ray" / "tiny" / "checkpoint_manager_snapshot.json"
     try:
-        return [name for name in os.listdir(snapshot.parent) if name.startswith("step_")] if json.loads(
-            snapshot.read_text()).get("checkpoint_results") else []
+        results = json.loads(snapshot.read_text()).get("checkpoint_results") or []
     except (OSError, ValueError):
-        return []
+        return 0
+    return max((int(r["checkpoint_dir_name"].split("_")[1]) for r in results), default=0)
 
 
-def test_a_killed_job_resumes_from_its_checkpoint(ray_cluster, job, tmp_path):
+def _wait_for_checkpoint(output: Path, after: int, driver=None, seconds: float = 240) -> int:
+    deadline = time.monotonic() + seconds
+    while _last_checkpoint_step(output) <= after and time.monotonic() < deadline:
+        assert driver is None or driver.poll() is None, driver.stdout.read().decode()[-3000:]
+        time.sleep(0.5)
+    assert _last_checkpoint_step(output) > after
+    return _last_checkpoint_step(output)
+
+
+def _train_workers() -> list:
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+
+
+def _wait_until_no_workers(seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while _train_workers() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _train_workers(), "training workers outlived their driver"
+
+
+def _assert_metric_steps_whole(client, run_id: str, resumed_from: int) -> None:
+    """Every logged step is there; only the replayed interval (after the restored checkpoint) appears twice."""
+    steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
+    assert set(steps) == set(range(2, 41, 2)), steps
+    assert all(step > resumed_from for step in steps if steps.count(step) > 1), (resumed_from, steps)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, tiny_model, tiny_data, tmp_path_factory):
+    """The 40-step two-worker job run once without faults: what an interrupted run must end up matching."""
+    spec = spec_from_dict(tiny_job(tmp_path_factory.mktemp("uninterrupted"), tiny_model, tiny_data, train=LONG))
+    return _train_quietly(spec).metrics
+
+
+def test_a_stopped_driver_ends_its_run_killed_and_a_rerun_resumes(ray_cluster, job, tmp_path, uninterrupted):
+    """SIGTERM (a scheduler's stop) ends the run KILLED, stops the workers and keeps the checkpoints; a rerun
+    resumes. SIGKILL of the driver's whole process group (a crash) loses nothing a checkpoint holds either."""
     from mlflow import MlflowClient
 
-    raw = job(train={"epochs": None, "max_steps": 40, "checkpoint_every_steps": 5, "eval_every_steps": 5})
+    raw = job(train=LONG)
     path = write_job(tmp_path / "job.yaml", raw)
     output = Path(raw["output_dir"])
     command = [sys.executable, "-m", "orchestrator", "train", str(path)]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster}
-    driver = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 240
-    while not _registered_checkpoints(output) and time.monotonic() < deadline and driver.poll() is None:
-        time.sleep(0.5)
-    assert _registered_checkpoints(output), driver.stdout.read().decode()[-3000:] if driver.poll() is not None else ""
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver dies mid-run; Ray tears its workers down
+
+    def start():
+        return subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+
+    driver = start()
+    first = _wait_for_checkpoint(output, 0, driver)
+    driver.send_signal(signal.SIGTERM)
+    assert driver.wait(timeout=60) == 128 + signal.SIGTERM
+    assert "rerun the same job to resume" in driver.stdout.read().decode()
+    driver.stdout.close()
+    state = json.loads((output / "mlflow_run.json").read_text())
+    client = MlflowClient(state["tracking_uri"])
+    assert client.get_run(state["run_id"]).info.status == "KILLED"
+    assert _last_checkpoint_step(output) >= first and not (output / "adapter").exists()
+    _wait_until_no_workers()
+
+    driver = start()  # resumes, then crashes outright after one more checkpoint
+    _wait_for_checkpoint(output, first, driver)
+    os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     driver.stdout.close()
     assert not (output / "adapter").exists()
+    _wait_until_no_workers()
 
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming at step" in rerun.stderr
-    state = json.loads((output / "mlflow_run.json").read_text())
-    run = MlflowClient(state["tracking_uri"]).get_run(state["run_id"])
+    run = client.get_run(state["run_id"])
     assert run.info.status == "FINISHED"
-    assert int(run.data.tags["orchestrator.resumed_from_step"]) >= 5
-    assert len(MlflowClient(state["tracking_uri"]).search_runs([run.info.experiment_id])) == 1
+    assert int(run.data.tags["orchestrator.resumed_from_step"]) > first
+    assert len(client.search_runs([run.info.experiment_id])) == 1
     assert (output / "adapter" / "adapter_model.safetensors").exists()
+    assert run.data.metrics["eval_loss"] == pytest.approx(uninterrupted["eval_loss"], rel=0.02, abs=0.02)
 
 
-def test_a_killed_worker_is_restarted_from_the_checkpoint_within_max_failures(ray_cluster, job, tmp_path):
+@pytest.mark.parametrize("max_failures", [1, 0])
+def test_a_killed_worker_is_restarted_from_the_checkpoint_within_max_failures(ray_cluster, job, tmp_path,
+                                                                              max_failures, uninterrupted):
     import threading
 
-    import psutil
     from mlflow import MlflowClient
 
-    raw = job(train={"epochs": None, "max_steps": 40, "checkpoint_every_steps": 5, "eval_every_steps": 5},
-              scaling={"max_failures": 1})
-    spec = spec_from_dict(raw)
+    from orchestrator.launcher import TrainingFailed
+
+    spec = spec_from_dict(job(train=LONG, scaling={"max_failures": max_failures}))
     outcome: dict = {}
-    runner = threading.Thread(target=lambda: outcome.update(result=_train_quietly(spec)), daemon=True)
+
+    def run():
+        try:
+            outcome["result"] = _train_quietly(spec)
+        except TrainingFailed as error:
+            outcome["error"] = error
+
+    runner = threading.Thread(target=run, daemon=True)
     runner.start()
-    deadline = time.monotonic() + 240
-    while not _registered_checkpoints(Path(spec.output_dir)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    _wait_for_checkpoint(Path(spec.output_dir), 0)
+    workers = _train_workers()
     assert len(workers) == 2, [p.info["cmdline"] for p in workers]
     workers[-1].send_signal(signal.SIGKILL)  # one worker process dies mid-run
     runner.join(timeout=300)
-    result = outcome["result"]
-    run = MlflowClient(result.tracking_uri).get_run(result.run_id)
+    assert not runner.is_alive()
+    state = json.loads((Path(spec.output_dir) / "mlflow_run.json").read_text())
+    client = MlflowClient(state["tracking_uri"])
+    run = client.get_run(state["run_id"])
+    if max_failures == 0:
+        assert "error" in outcome and "died" in str(outcome["error"]).lower(), outcome
+        assert run.info.status == "FAILED"
+        assert not (Path(spec.output_dir) / "adapter").exists()
+        return
     assert run.info.status == "FINISHED"
-    assert int(run.data.tags["orchestrator.resumed_from_step"]) >= 5
-    assert Path(result.adapter_dir, "adapter_model.safetensors").exists()
+    resumed_from = int(run.data.tags["orchestrator.resumed_from_step"])
+    assert resumed_from >= 5 and resumed_from % 5 == 0
+    assert Path(outcome["result"].adapter_dir, "adapter_model.safetensors").exists()
+    _assert_metric_steps_whole(client, state["run_id"], resumed_from)
+    assert run.data.metrics["eval_loss"] == pytest.approx(uninterrupted["eval_loss"], rel=0.02, abs=0.02)
 
 
 def test_rerunning_a_finished_job_retrains_nothing_and_keeps_its_checkpoints(finished):

@@ -38,13 +38,22 @@ def two_nodes(tmp_path_factory):
     assert started.returncode == 0, started.stdout + started.stderr
     client_env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(state / "auth_token")}
     client_env.pop("RAY_ADDRESS", None)
-    yield {"address": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{gcs}", "env": client_env}
+    yield {"address": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{gcs}", "env": client_env, "state": state}
     subprocess.run(["bash", script, "stop"], env=env, capture_output=True, timeout=120)
 
 
 def submit(two_nodes, folder: Path, *argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "orchestrator", "submit", *argv], cwd=folder,
                           env=env or two_nodes["env"], capture_output=True, text=True, timeout=600)
+
+
+def test_the_dashboard_and_job_api_listen_on_loopback_only(two_nodes):
+    import psutil
+
+    port = int(two_nodes["address"].rsplit(":", 1)[1])
+    listening = {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN
+                 and c.laddr.port == port}
+    assert listening == {"127.0.0.1"}, listening
 
 
 def test_submit_trains_with_one_worker_on_each_node(two_nodes, tmp_path, tiny_model, tiny_data, mlflow_server):
@@ -97,3 +106,36 @@ def test_submit_refuses_bad_input_before_uploading(two_nodes, tmp_path, tiny_mod
     no_token.update(HOME=str(tmp_path), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="not-the-token")
     done = submit(two_nodes, tmp_path, "ok.yaml", "--address", two_nodes["address"], env=no_token)
     assert done.returncode == 2 and "token" in done.stderr.lower(), done.stderr[-2000:]
+
+
+def test_losing_a_node_mid_run_fails_the_run_in_bounded_time(two_nodes, tmp_path, tiny_model, tiny_data):
+    """The second node dies (its raylet and workers SIGKILLed) with one worker on it. The run may restart once,
+    but two workers no longer fit: after scaling.resource_wait_s it fails, FAILED in MLflow, instead of
+    waiting forever (Ray Train's default). The module's last test: the cluster keeps one node afterwards."""
+    import psutil
+    from mlflow import MlflowClient
+
+    job = tiny_job(tmp_path, tiny_model, tiny_data,
+                   scaling={"num_workers": 2, "placement_strategy": "STRICT_SPREAD", "max_failures": 1,
+                            "resource_wait_s": 20},
+                   train={"epochs": None, "max_steps": 400, "checkpoint_every_steps": 10, "eval_every_steps": 10})
+    path = write_job(tmp_path / "job.yaml", job)
+    env = {**two_nodes["env"], "RAY_ADDRESS": two_nodes["gcs"]}
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator", "train", str(path)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    snapshot = tmp_path / "out" / "ray" / "tiny" / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + 240
+    while not (snapshot.exists() and "step_" in snapshot.read_text()) and time.monotonic() < deadline:
+        assert driver.poll() is None, driver.stdout.read()[-3000:]
+        time.sleep(0.5)
+    node = psutil.Process(int((two_nodes["state"] / "worker.pid").read_text()))
+    for process in [node, *node.children(recursive=True)]:
+        process.kill()
+    lost = time.monotonic()
+    out = driver.communicate(timeout=400)[0]
+    print(f"node lost -> driver exited in {time.monotonic() - lost:.0f} s")
+    assert driver.returncode == 1 and "training failed" in out, out[-3000:]
+    assert time.monotonic() - lost < 300
+    state = json.loads((tmp_path / "out" / "mlflow_run.json").read_text())
+    assert MlflowClient(state["tracking_uri"]).get_run(state["run_id"]).info.status == "FAILED"
+    assert not (tmp_path / "out" / "adapter").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -21,7 +22,8 @@ from tests.tiny import tiny_job, write_job, write_tiny_data
 pytestmark = pytest.mark.integration
 
 MODEL = "tiny-intents"
-SNAPSHOTS = {"2026-01-01": 96, "2026-02-01": 128, "2026-03-01": 160, "2026-04-01": 176, "2026-05-01": 192}
+SNAPSHOTS = {"2026-01-01": 96, "2026-02-01": 128, "2026-03-01": 160, "2026-04-01": 176, "2026-05-01": 192,
+             "2026-06-01": 200}
 SECRET = "pw-do-not-log-7731"
 
 
@@ -203,3 +205,49 @@ def test_two_retrains_racing_end_with_one_champion_and_every_version(world):
     for version in promoted:  # each promotion compared against the champion in force when it held the lock
         assert version.tags["orchestrator.champion.previous_version"] == version.tags["orchestrator.champion_version"]
     assert not [m for m in world["client"].search_registered_models() if m.name.endswith(".promotion-lock")]
+
+
+KILLED_AT_THE_FIRST_ALIAS_MOVE = """
+import os, signal, sys
+from orchestrator import registry
+from orchestrator.cli import main
+registry.move_alias = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)  # registered; no alias moved
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_retrain_killed_between_registering_and_moving_aliases_is_finished_exactly_once(world):
+    from orchestrator.retraining import DECISION_RUN_TAG
+
+    client, before, champion_before = world["client"], versions(world), champion(world)
+    env = {**os.environ, "RAY_ADDRESS": world["ray"]}
+    argv = ["retrain", world["job"], "retrain.data.snapshot=2026-06-01", "retrain.margin=0.0"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_THE_FIRST_ALIAS_MOVE, *argv], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+    new = versions(world)[-1]
+    assert len(versions(world)) == len(before) + 1 and DECISION_RUN_TAG not in new.tags
+    assert champion(world) == champion_before
+    assert client.get_registered_model(MODEL).aliases["challenger"] != new.version
+    assert [m for m in client.search_registered_models() if m.name.endswith(".promotion-lock")]  # left by the dead
+
+    def decision_runs():
+        experiment = client.get_experiment_by_name("retrain-tests").experiment_id
+        return [r for r in client.search_runs([experiment]) if r.info.run_name == "retrain-2026-06-01"]
+
+    promoted = new.tags["orchestrator.decision"] in ("promoted", "first_champion")
+    for attempt in range(2):  # the rerun finishes the work; a third run finds nothing left to do
+        started = time.monotonic()
+        rerun = subprocess.run([sys.executable, "-m", "orchestrator", *argv], env=env, capture_output=True,
+                               text=True, timeout=300)
+        assert rerun.returncode == (0 if promoted else 3), rerun.stdout[-2000:] + rerun.stderr[-2000:]
+        assert "decided by an earlier retrain" in rerun.stdout and time.monotonic() - started < 60, attempt
+        model = client.get_registered_model(MODEL)
+        assert len(versions(world)) == len(before) + 1
+        assert model.aliases["challenger"] == new.version
+        assert model.aliases["champion"] == (new.version if promoted else champion_before)
+        history = json.loads(model.tags["orchestrator.alias_history.champion"])
+        assert history.count(new.version) == (1 if promoted else 0)
+        [run] = decision_runs()
+        assert client.get_model_version(MODEL, new.version).tags[DECISION_RUN_TAG] == run.info.run_id
+        assert not [m for m in client.search_registered_models() if m.name.endswith(".promotion-lock")]

@@ -171,3 +171,49 @@ def tiny_lm_job(root: Path, model_dir: Path, data_dir: Path, **sections) -> dict
                    "max_length": 32, **sections.get("data", {})}
     job["lora"] = {"r": 4, "alpha": 8, "target_modules": "all-linear", **sections.get("lora", {})}
     return job
+
+
+class MlflowServer:
+    """A real `mlflow server` process (SQLite backend, local artifact root) on a fixed loopback port: it can be
+    stopped and started again on the same store, as a tracking server that goes down and comes back."""
+
+    def __init__(self, root: Path):
+        import socket
+
+        self.root = root
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._process = None
+
+    def start(self) -> str:
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+                   "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+                   "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"]
+        with open(self.root / "server.log", "ab") as log:
+            self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2)
+                return self.url
+            except OSError as error:
+                if self._process.poll() is not None or time.monotonic() > deadline:
+                    log_text = (self.root / "server.log").read_text()[-2000:]
+                    raise RuntimeError(f"mlflow server did not start: {log_text}") from error
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        import os
+        import signal
+
+        if self._process is not None and self._process.poll() is None:
+            os.killpg(self._process.pid, signal.SIGTERM)  # the server and its uvicorn workers
+            self._process.wait(timeout=30)
+        self._process = None
