@@ -1,4 +1,4 @@
-"""Load (marker ``load``, not in the default run: about 10 minutes on 2 cores): a search of 50 short trials on
+"""Load (marker ``load``, not in the default run: about 12 minutes on 2 cores): a search of 50 short trials on
 the local Ray cluster. Every trial ends in a terminal state, nothing is leaked once the command returns (no
 training worker process, no placement group that is not REMOVED), and the driver's memory stays flat.
 
@@ -20,7 +20,7 @@ import pytest
 from orchestrator.search import FINISHED, STOPPED_EARLY
 from tests.tiny import write_job
 
-pytestmark = [pytest.mark.load, pytest.mark.integration]
+pytestmark = [pytest.mark.load, pytest.mark.integration, pytest.mark.timeout(1800)]
 TRIALS = 50
 
 
