@@ -511,16 +511,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's stop, ``kill``), handled as Ctrl-C: runs end KILLED, checkpoints stay, reruns resume."""
-
-
-_signalled: list[int] = []  # what stopped the command (Ray Train re-raises a plain KeyboardInterrupt)
+_signalled: list[int] = []  # SIGTERM, once received (Ray Train re-raises interrupts as a plain KeyboardInterrupt)
 
 
 def _raise_terminated(signum, frame) -> None:
+    """SIGTERM (a scheduler's stop, ``kill``), handled as Ctrl-C: runs end KILLED, checkpoints stay, reruns resume."""
     _signalled.append(signum)
-    raise Terminated()
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -548,11 +545,10 @@ def main(argv: list[str] | None = None) -> int:
     except TrackingUnavailable as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_UNRECORDED
-    except KeyboardInterrupt as error:
+    except KeyboardInterrupt:
         print("interrupted; rerun the same job to resume from its last checkpoint (a search: orchestrator tune JOB "
               "--resume)", file=sys.stderr)
-        terminated = isinstance(error, Terminated) or signal.SIGTERM in _signalled
-        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+        return 128 + (signal.SIGTERM if signal.SIGTERM in _signalled else signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -159,10 +159,14 @@ def check_memory(spec: JobSpec, shape, nodes: list[dict[str, float]]) -> None:
         check_fits(spec, shape, available, where)
 
 
-def _placement_attempts(spec: JobSpec) -> int:
-    """Attempts at placing the worker group, each of at most 60 s (0 = no limit, for an autoscaling cluster)."""
+def placement_budget(spec: JobSpec) -> tuple[float, int]:
+    """(seconds one attempt at placing the worker group may wait, Ray Train's controller_failure_limit): the
+    attempts add up to ``scaling.resource_wait_s``; None keeps Ray's default of retrying forever (-1)."""
     wait = spec.scaling.resource_wait_s
-    return 0 if wait is None else max(1, math.ceil(wait / min(wait, 60.0)))
+    if wait is None:
+        return 60.0, -1
+    attempt = min(wait, 60.0)
+    return attempt, math.ceil(wait / attempt) - 1
 
 
 def run_training(spec: JobSpec, tracking_uri: str, run_id: str, on_progress: Callable[[dict], None],
@@ -216,10 +220,11 @@ def make_trainer(spec: JobSpec, loop_config: dict[str, Any], name: str, verbose:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    # Each attempt to place the worker group waits this long (Ray Train propagates the variable to its
-    # controller); a failed attempt is retried up to scaling.resource_wait_s in all. Ray's default retries
+    # Each attempt to place the worker group waits `attempt_s` (Ray Train propagates the variable to its
+    # controller); failed attempts are retried up to scaling.resource_wait_s in all. Ray's default retries
     # forever: a run that lost a node for good would hang instead of failing.
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(min(spec.scaling.resource_wait_s or 60.0, 60.0))
+    attempt_s, retries = placement_budget(spec)
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(attempt_s)
     return TorchTrainer(
         _worker_entry,
         train_loop_config=loop_config,
@@ -235,7 +240,7 @@ def make_trainer(spec: JobSpec, loop_config: dict[str, Any], name: str, verbose:
             storage_path=os.path.join(spec.output_dir, "ray"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=spec.scaling.max_failures,
-                                                   controller_failure_limit=_placement_attempts(spec) - 1),
+                                                   controller_failure_limit=retries),
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if spec.scaling.use_gpu else "cpu",
                                              "TRANSFORMERS_VERBOSITY": "info" if verbose else "error",
                                              "TOKENIZERS_PARALLELISM": "false",

@@ -379,15 +379,15 @@ def promotion_lock(client, name: str, stale_after_s: float = 600.0, wait_s: floa
 
 def _dead_here(tags: dict[str, str]) -> bool:
     """Whether a lock's holder ran on this machine and is gone (killed, crashed): its lock need not age out."""
-    pid = int(tags.get("pid", "0") or 0) if str(tags.get("pid", "")).isdigit() else 0
-    if tags.get("host") != socket.gethostname() or pid <= 0:
+    pid = tags.get("pid", "")
+    if tags.get("host") != socket.gethostname() or not pid.isdigit() or int(pid) <= 0:
         return False
     try:
-        os.kill(pid, 0)
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return True
     except PermissionError:
-        return False
+        pass  # alive, someone else's
     return False
 
 

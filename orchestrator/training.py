@@ -43,7 +43,7 @@ def train(spec: JobSpec, verbose: bool = False, console: TrainingConsole | None 
         launcher.check_memory(spec, checked.shape, launcher.cluster_nodes())
     uri, run_id = tracking.start_run(spec, data_inputs(checked.data))
     tracking.deliver_pending(uri, run_id, spec.output_dir)  # what an earlier run could not deliver
-    status, recorded = "FAILED", False
+    status = "FAILED"
     console = console or TrainingConsole()
     try:
         with console:
