@@ -20,7 +20,7 @@ from orchestrator.console import TrainingConsole
 from orchestrator.spec import spec_from_dict
 from orchestrator.training import train
 from tests.test_lora import _predict
-from tests.tiny import tiny_job, write_job
+from tests.tiny import tiny_job, train_workers, write_job
 
 pytestmark = pytest.mark.integration
 
@@ -119,17 +119,11 @@ def _wait_for_checkpoint(output: Path, after: int, driver=None, seconds: float =
     return _last_checkpoint_step(output)
 
 
-def _train_workers() -> list:
-    import psutil
-
-    return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
-
-
 def _wait_until_no_workers(seconds: float = 60) -> None:
     deadline = time.monotonic() + seconds
-    while _train_workers() and time.monotonic() < deadline:
+    while train_workers() and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not _train_workers(), "training workers outlived their driver"
+    assert not train_workers(), "training workers outlived their driver"
 
 
 def _assert_metric_steps_whole(client, run_id: str, resumed_from: int) -> None:
@@ -213,7 +207,7 @@ def test_a_killed_worker_is_restarted_from_the_checkpoint_within_max_failures(ra
     runner = threading.Thread(target=run, daemon=True)
     runner.start()
     _wait_for_checkpoint(Path(spec.output_dir), 0)
-    workers = _train_workers()
+    workers = train_workers()
     assert len(workers) == 2, [p.info["cmdline"] for p in workers]
     workers[-1].send_signal(signal.SIGKILL)  # one worker process dies mid-run
     runner.join(timeout=300)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.search import FINISHED, STOPPED_EARLY
-from tests.tiny import write_job
+from tests.tiny import train_workers, write_job
 
 pytestmark = [pytest.mark.load, pytest.mark.integration, pytest.mark.timeout(1800)]
 TRIALS = 50
@@ -58,7 +58,7 @@ def test_fifty_trials_end_terminal_leak_nothing_and_keep_the_driver_flat(ray_clu
 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+        workers = train_workers()
         groups = [g for g in list_placement_groups(limit=10_000)
                   if g.placement_group_id not in groups_before and g.state != "REMOVED"]
         if not workers and not groups:

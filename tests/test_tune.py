@@ -20,7 +20,7 @@ from orchestrator.console import StudyConsole
 from orchestrator.search import FINISHED, STOPPED_EARLY
 from orchestrator.spec import spec_from_dict
 from orchestrator.tuning import tune
-from tests.tiny import write_job
+from tests.tiny import train_workers, write_job
 
 pytestmark = pytest.mark.integration
 
@@ -62,12 +62,11 @@ def test_asha_stops_weak_trials_and_trains_fewer_steps_than_running_all(study):
 
 
 def test_stopped_trials_free_their_workers(study):
-    import psutil
     import ray
 
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+        workers = train_workers()
         if not workers and ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]:
             break
         time.sleep(1)

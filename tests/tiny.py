@@ -217,3 +217,10 @@ class MlflowServer:
             os.killpg(self._process.pid, signal.SIGTERM)  # the server and its uvicorn workers
             self._process.wait(timeout=30)
         self._process = None
+
+
+def train_workers() -> list:
+    """The Ray Train worker processes alive on this machine (what must not outlive a run)."""
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
