@@ -65,7 +65,12 @@ def _worker_entry(config: dict[str, Any]) -> None:
     from orchestrator.train_loop import train_worker
 
     spec = JobSpec.model_validate(config["spec"])
-    train_worker(spec, RayContext(config["progress"]), config["tracking_uri"], config["run_id"])
+    run_id = config["run_id"]
+    if run_id is not None and not isinstance(run_id, str):  # a trial's child run, still being created by a task
+        import ray
+
+        run_id = ray.get(run_id)
+    train_worker(spec, RayContext(config["progress"]), config["tracking_uri"], run_id)
 
 
 IN_RAY_JOB = "ORCHESTRATOR_IN_RAY_JOB"  # set by `orchestrator submit` in the job's environment
@@ -225,6 +230,9 @@ def make_trainer(spec: JobSpec, loop_config: dict[str, Any], name: str, verbose:
     # forever: a run that lost a node for good would hang instead of failing.
     attempt_s, retries = placement_budget(spec)
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(attempt_s)
+    # The controller polls its workers this often (Ray's default: 2 s); a finished run waits for the next poll
+    # before its workers are shut down, so each trial of a search ended ~1-2 s late.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     return TorchTrainer(
         _worker_entry,
         train_loop_config=loop_config,

@@ -303,8 +303,9 @@ TRIAL_TAG, PARENT_TAG = "orchestrator.trial_id", "mlflow.parentRunId"
 
 
 def start_trial_run(uri: str, parent_run_id: str, trial_id: str, spec: JobSpec, config: dict[str, Any]) -> str:
-    """The trial's nested child run, created once per trial (by the trial's driver, never by a worker) and
-    found again by its tag when a resumed study restarts the trial."""
+    """The trial's nested child run, created once per trial (by a task of the trial's driver, never by a
+    worker) and found again by its tag when a resumed study restarts the trial; what the trial's worker could
+    not deliver before (``output_dir/mlflow_pending.jsonl``) is delivered to it then."""
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
@@ -314,8 +315,10 @@ def start_trial_run(uri: str, parent_run_id: str, trial_id: str, spec: JobSpec, 
                                filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and "
                                              f"tags.`{TRIAL_TAG}` = '{trial_id}'")
     if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        deliver_pending(uri, run_id, spec.output_dir)
+        return run_id
     tags = {**spec.tracking.tags, PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, "orchestrator.job": spec.name,
             "orchestrator.study": parent.info.run_name, "mlflow.source.type": "JOB"}
     run = client.create_run(parent.info.experiment_id, run_name=spec.run_name(), tags=tags)

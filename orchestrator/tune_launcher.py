@@ -2,8 +2,9 @@
 and the trial driver that runs one full Ray Train job per trial.
 
 Each trial is a small actor (it holds no CPU; it only waits on its Train controller) that builds the trial's
-job with :func:`orchestrator.search.trial_spec`, opens the trial's MLflow child run, and runs a TorchTrainer
-with the spec's scaling and DeepSpeed settings. ``TuneReportCallback`` forwards every report from rank 0 (one
+job with :func:`orchestrator.search.trial_spec`, has a task open the trial's MLflow child run (beside Ray
+Train's start-up, not before it), and runs a TorchTrainer with the spec's scaling and DeepSpeed settings.
+``TuneReportCallback`` forwards every report from rank 0 (one
 per evaluation) to Tune, so the scheduler sees each intermediate metric. Stopping a trial kills its actor, its
 Train controller with it, and Train's placement-group cleaner frees the workers' resources.
 """
@@ -101,8 +102,10 @@ def _search_algorithm(spec: JobSpec, concurrency: int):
 
 def _trial_entry(config: dict[str, Any], study: dict[str, Any]) -> None:
     """One trial: its job, its MLflow child run, its Ray Train run (resumed from its own checkpoints)."""
+    import ray
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from orchestrator import tracking
     from orchestrator.launcher import TrainingFailed, make_trainer, worker_error
@@ -111,7 +114,11 @@ def _trial_entry(config: dict[str, Any], study: dict[str, Any]) -> None:
     spec = JobSpec.model_validate(study["spec"])
     trial_id = ray.tune.get_context().get_trial_id()
     trial = trial_spec(spec, config, os.path.join(spec.output_dir, "trials", trial_id), trial_id)
-    run_id = tracking.start_trial_run(study["tracking_uri"], study["parent_run_id"], trial_id, trial, config)
+    # The child run is created by a task beside Ray Train's start-up (controller, placement, worker processes),
+    # not before it: the workers get the run id as an object ref and read it when they open their sink.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)  # a local store's path
+    run_id = ray.remote(num_cpus=0)(tracking.start_trial_run).options(scheduling_strategy=here).remote(
+        study["tracking_uri"], study["parent_run_id"], trial_id, trial, config)
     trainer = make_trainer(trial, {"spec": trial.model_dump(), "progress": None, "tracking_uri": study["tracking_uri"],
                                    "run_id": run_id}, trial_id, study["verbose"], callbacks=[TuneReportCallback()])
     try:

@@ -173,3 +173,26 @@ def test_grid_points_are_every_combination_in_a_seeded_shuffled_order(job):
     nested = [(r, lr) for r in (2, 4, 8, 16) for lr in (1e-4, 1e-3, 1e-2)]
     assert [(p["lora.r"], p["train.learning_rate"]) for p in points[:12]] != nested
     assert grid_points(spec) == points  # same seed, same order
+
+
+def test_a_resumed_trial_finds_its_child_run_again_and_delivers_what_its_worker_left(job, tmp_path):
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    from orchestrator import tracking
+
+    spec = spec_from_dict(study(job))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    parent = client.create_run(client.create_experiment("study", artifact_location=str(tmp_path / "art"))).info.run_id
+    trial = trial_spec(spec, {"lora.r": 2}, str(tmp_path / "t1"), "abc_00001")
+    first = tracking.start_trial_run(uri, parent, "abc_00001", trial, {"lora.r": 2})
+    pending = Path(trial.output_dir, tracking.PENDING_FILE)  # what a worker cut off from the server left behind
+    pending.parent.mkdir(parents=True)
+    pending.write_text(json.dumps({"call": "log_metrics", "args": [{"eval_loss": 0.5}, 7]}) + "\n")
+
+    again = tracking.start_trial_run(uri, parent, "abc_00001", trial, {"lora.r": 2})  # the resumed study's trial
+    assert again == first and tracking.trial_runs(uri, parent) == {"abc_00001": first}
+    assert [(m.step, m.value) for m in client.get_metric_history(first, "eval_loss")] == [(7, 0.5)]
+    assert not pending.exists() and client.get_run(first).data.params["trial.lora.r"] == "2"

@@ -30,8 +30,8 @@ STUDY_TRAIN = {"epochs": 2, "micro_batch_size": 16, "eval_every_steps": 4, "lear
 SPACE = {"lora.r": {"grid": [2, 8]}, "train.learning_rate": {"grid": [3e-2, 1e-5]}}
 
 
-def study_job(job, **tune_section):
-    return job(train=STUDY_TRAIN, scaling={"num_workers": 1}, registry={"name": "tiny-topics"},
+def study_job(job, train=None, **tune_section):
+    return job(train={**STUDY_TRAIN, **(train or {})}, scaling={"num_workers": 1}, registry={"name": "tiny-topics"},
                tune={"space": SPACE, "metric": "eval_loss", "seed": 4,  # seed 4 shuffles both good trials first
                      "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2}, **tune_section})
 
@@ -150,8 +150,10 @@ def test_a_bad_search_space_is_refused_naming_the_field(job, tmp_path, capsys):
 def test_a_killed_study_resumes_without_retraining_finished_trials(ray_cluster, job, tmp_path):
     from mlflow import MlflowClient
 
-    raw = study_job(job, space={"lora.r": {"grid": [2, 4]}}, num_samples=1, max_concurrent_trials=1,
-                    scheduler={"name": "fifo"})
+    # 12 evaluations per trial: with Ray Train's controller polling every 0.5 s a tiny trial reports them within
+    # seconds, and the driver must be killed while the second trial is between its first and its last.
+    raw = study_job(job, train={"eval_every_steps": 2}, space={"lora.r": {"grid": [2, 4]}}, num_samples=1,
+                    max_concurrent_trials=1, scheduler={"name": "fifo"})
     path = write_job(tmp_path / "job.yaml", raw)
     output = Path(raw["output_dir"])
     command = [sys.executable, "-m", "orchestrator", "tune", str(path)]
@@ -162,11 +164,11 @@ def test_a_killed_study_resumes_without_retraining_finished_trials(ray_cluster, 
     def adapters() -> list[Path]:
         return sorted(output.glob("trials/*/adapter/adapter_model.safetensors"))
 
-    def running_trial_mid_way() -> bool:  # a trial without an adapter yet has reported 1-3 of its 6 evaluations
+    def running_trial_mid_way() -> bool:  # a trial without an adapter yet has reported 1-9 of its 12 evaluations
         for progress in output.glob("tune/*/_trial_entry_*/progress.csv"):
             trial_id = "_".join(progress.parent.name.split("_")[3:5])  # _trial_entry_<study>_<index>_...
             if not (output / "trials" / trial_id / "adapter").exists() and \
-                    1 <= len(progress.read_text().splitlines()) - 1 <= 3:
+                    1 <= len(progress.read_text().splitlines()) - 1 <= 9:
                 return True
         return False  # (Tune's progress.csv can lag its trial: a trial with an adapter may show few rows)
 
