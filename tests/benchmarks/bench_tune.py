@@ -1,20 +1,21 @@
 """ASHA against running every trial to completion, on MiniLM with BANKING77 (results in BENCHMARKS.md).
 
-    .venv/bin/python tests/benchmarks/bench_tune.py [--steps 120] [--evals 12]
+    .venv/bin/python tests/benchmarks/bench_tune.py [--steps 400] [--evals 20] [--micro-batch 16] [--grace 1]
 
 One job, one 16-configuration grid (LoRA rank 4/8/16/32 x learning rate 1e-3/3e-3/1e-2/3e-2, tried in the same
-seeded shuffled order), searched twice back to back: with ASHA (grace 2 evaluations, reduction factor 4), and
-with FIFO (every trial runs all its steps). Each search is a
+seeded shuffled order), searched twice back to back: with ASHA (grace period 1 evaluation, reduction factor 4,
+budget = every evaluation of the trial), and with FIFO (every trial runs all its steps). Each search is a
 real `orchestrator tune` process; 1 one-CPU worker per trial, so two trials run at a time on 2 cores.
 Reports total optimizer steps, wall time, the best validation accuracy each search found, and per trial the
 orchestration overhead: trial wall time (Tune's start to its end) minus the worker's own training and
-evaluation time.
-"""
+evaluation time."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import random
 import statistics
 import subprocess
 import sys
@@ -39,9 +40,9 @@ data:
 lora: {{alpha: 16, target_modules: [query, key, value, dense]}}
 train:
   max_steps: {steps}
-  micro_batch_size: 32
+  micro_batch_size: {micro_batch}
   eval_every_steps: {eval_every}
-  warmup_ratio: 0.06
+  warmup_ratio: 0.03
   log_every_steps: 10
   seed: 42
 deepspeed: {{zero_stage: 2}}
@@ -53,16 +54,16 @@ tune:
   space:
     lora.r: {{grid: [4, 8, 16, 32]}}
     train.learning_rate: {{grid: [1.0e-3, 3.0e-3, 1.0e-2, 3.0e-2]}}
-  scheduler: {{name: {scheduler}, grace_period: 2, reduction_factor: 4}}
+  scheduler: {{name: {scheduler}, grace_period: {grace}, reduction_factor: 4}}
   register_best: false
 """
 
 
-def run(scheduler: str, steps: int, evals: int, root: Path) -> dict:
+def run(scheduler: str, args: argparse.Namespace, root: Path) -> dict:
     output = root / scheduler
     job = root / f"{scheduler}.yaml"
-    job.write_text(JOB.format(output=output, data=BANKING77, steps=steps, eval_every=steps // evals,
-                              scheduler=scheduler))
+    job.write_text(JOB.format(output=output, data=BANKING77, steps=args.steps, eval_every=args.steps // args.evals,
+                              micro_batch=args.micro_batch, grace=args.grace, scheduler=scheduler))
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "orchestrator", "tune", str(job)], cwd=REPO, capture_output=True,
                           text=True)
@@ -73,6 +74,7 @@ def run(scheduler: str, steps: int, evals: int, root: Path) -> dict:
     trials = summary["trial_times"]
     long = [t for t in trials if t["wall_s"] >= 120]
     return {
+        "curves": curves(output),
         "scheduler": scheduler, "wall_s": round(wall, 1), "total_steps": summary["total_steps"],
         "best_accuracy": summary["best"]["value"], "best_config": summary["best"]["config"],
         "finished_trials": summary["finished"], "trials": summary["trials"],
@@ -85,21 +87,78 @@ def run(scheduler: str, steps: int, evals: int, root: Path) -> dict:
     }
 
 
+def curves(output: Path) -> dict[str, dict]:
+    """Each trial's config and metric at every evaluation, from Tune's own result files."""
+    found = {}
+    for result in sorted(output.glob("tune/*/*/result.json")):
+        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        if rows:
+            found[rows[0]["trial_id"]] = {"config": rows[0]["config"],
+                                          "accuracy": [row["eval_accuracy"] for row in rows]}
+    return found
+
+
+def replay_asha(curves_in_order: list[list[float]], grace: int, rf: int, slots: int = 2) -> int:
+    """Evaluations ASHA would run on these fully-known curves: Ray's rule (a trial reaching a rung stops when
+    below the rung's (1 - 1/rf) percentile of what it has recorded so far), trials started in this order on
+    ``slots`` equally fast slots."""
+    import numpy as np
+
+    max_t = len(curves_in_order[0])
+    rungs = [grace * rf**k for k in reversed(range(int(math.log(max_t / grace) / math.log(rf) + 1)))]
+    recorded: dict[int, dict[int, float]] = {m: {} for m in rungs}
+    running, waiting, used = [], list(range(len(curves_in_order))), 0
+    clock = 0
+    while waiting or running:
+        while waiting and len(running) < slots:
+            running.append([waiting.pop(0), clock])  # trial, the time it started
+        clock += 1
+        for entry in list(running):
+            trial, start = entry
+            t = clock - start
+            value, stop = curves_in_order[trial][t - 1], t >= max_t
+            for milestone in rungs:
+                if t < milestone or trial in recorded[milestone]:
+                    continue
+                seen = recorded[milestone]
+                if seen and value < np.nanpercentile(list(seen.values()), (1 - 1 / rf) * 100):
+                    stop = True
+                seen[trial] = value
+                break
+            if stop:
+                used += t
+                running.remove(entry)
+    return used
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--evals", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--evals", type=int, default=20)
+    parser.add_argument("--micro-batch", type=int, default=16)
+    parser.add_argument("--grace", type=int, default=1, help="ASHA's grace period in evaluations")
     parser.add_argument("--out", default=None, help="write the results JSON here")
     args = parser.parse_args()
     if not (BANKING77 / "train.csv").exists():
         raise SystemExit(f"BANKING77 not found at {BANKING77}")
     root = Path(tempfile.mkdtemp(prefix="bench-tune-"))
-    results = [run("asha", args.steps, args.evals, root), run("fifo", args.steps, args.evals, root)]
+    results = [run("asha", args, root), run("fifo", args, root)]
     asha, fifo = results
     ratio = {"steps_asha_over_fifo": round(asha["total_steps"] / fifo["total_steps"], 3),
              "wall_asha_over_fifo": round(asha["wall_s"] / fifo["wall_s"], 3),
              "accuracy_gap_points": round(100 * (fifo["best_accuracy"] - asha["best_accuracy"]), 2)}
-    report = {"steps_per_trial": args.steps, "evaluations_per_trial": args.evals, "ratios": ratio, "runs": results}
+    # How typical the run's trial order was for ASHA: Ray's rule replayed on FIFO's fully-known curves, in the
+    # run's order and in 500 random orders (the first trials to reach a rung are promoted with little to compare).
+    known = curves(root / "fifo")
+    ordered = [known[trial]["accuracy"] for trial in sorted(known)]  # Tune's trial ids count up in start order
+    total = len(ordered) * args.evals
+    shuffled = [random.Random(seed).sample(ordered, len(ordered)) for seed in range(500)]
+    replays = sorted(replay_asha(order, args.grace, 4) / total for order in shuffled)
+    ratio["replay_in_run_order"] = round(replay_asha(ordered, args.grace, 4) / total, 3)
+    ratio["replay_random_orders_median"] = round(statistics.median(replays), 3)
+    ratio["replay_random_orders_p10_p90"] = [round(replays[50], 3), round(replays[449], 3)]
+    report = {"steps_per_trial": args.steps, "evaluations_per_trial": args.evals, "micro_batch": args.micro_batch,
+              "grace_evaluations": args.grace, "ratios": ratio, "runs": results}
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:
