@@ -1,6 +1,7 @@
 """ASHA against running every trial to completion, on MiniLM with BANKING77 (results in BENCHMARKS.md).
 
     .venv/bin/python tests/benchmarks/bench_tune.py [--steps 400] [--evals 20] [--micro-batch 16] [--grace 1]
+    .venv/bin/python tests/benchmarks/bench_tune.py --replay /tmp/bench_tune.json   # other ASHA settings, replayed
 
 One job, one 16-configuration grid (LoRA rank 4/8/16/32 x learning rate 1e-3/3e-3/1e-2/3e-2, tried in the same
 seeded shuffled order), searched twice back to back: with ASHA (grace period 1 evaluation, reduction factor 4,
@@ -98,16 +99,16 @@ def curves(output: Path) -> dict[str, dict]:
     return found
 
 
-def replay_asha(curves_in_order: list[list[float]], grace: int, rf: int, slots: int = 2) -> int:
-    """Evaluations ASHA would run on these fully-known curves: Ray's rule (a trial reaching a rung stops when
-    below the rung's (1 - 1/rf) percentile of what it has recorded so far), trials started in this order on
-    ``slots`` equally fast slots."""
+def replay_asha(curves_in_order: list[list[float]], grace: int, rf: int, slots: int = 2) -> tuple[int, float]:
+    """(evaluations, best final metric among the trials run to the end) that ASHA would give on these
+    fully-known curves: Ray's rule (a trial reaching a rung stops when below the rung's (1 - 1/rf) percentile of
+    what it has recorded so far), trials started in this order on ``slots`` equally fast slots."""
     import numpy as np
 
     max_t = len(curves_in_order[0])
     rungs = [grace * rf**k for k in reversed(range(int(math.log(max_t / grace) / math.log(rf) + 1)))]
     recorded: dict[int, dict[int, float]] = {m: {} for m in rungs}
-    running, waiting, used = [], list(range(len(curves_in_order))), 0
+    running, waiting, used, best = [], list(range(len(curves_in_order))), 0, -math.inf
     clock = 0
     while waiting or running:
         while waiting and len(running) < slots:
@@ -128,7 +129,34 @@ def replay_asha(curves_in_order: list[list[float]], grace: int, rf: int, slots: 
             if stop:
                 used += t
                 running.remove(entry)
-    return used
+                if t >= max_t:
+                    best = max(best, value)
+    return used, best
+
+
+REPLAYED = [(1, 4), (1, 3), (1, 2), (2, 4), (2, 3), (2, 2), (4, 4)]  # (grace in evaluations, reduction factor)
+
+
+def replays(known: dict[str, dict], settings: list[tuple[int, int]], orders: int = 500) -> list[dict]:
+    """How typical a run's trial order was for ASHA, and how other settings would do: Ray's rule replayed on
+    FIFO's curves in the run's order (Tune's trial ids count up in start order) and in random orders."""
+    ordered = [known[trial]["accuracy"] for trial in sorted(known)]
+    best, total = max(curve[-1] for curve in ordered), len(ordered) * len(ordered[0])
+    shuffles = [random.Random(seed).sample(range(len(ordered)), len(ordered)) for seed in range(orders)]
+    rows = []
+    for grace, rf in settings:
+        runs = [replay_asha([ordered[i] for i in order], grace, rf) for order in shuffles]
+        ratios = sorted(used / total for used, _ in runs)
+        kept = [100 * (best - found) <= 0.5 for _, found in runs]
+        rows.append({"grace": grace, "reduction_factor": rf,
+                     "ratio_in_run_order": round(replay_asha(ordered, grace, rf)[0] / total, 3),
+                     "ratio_median": round(statistics.median(ratios), 3),
+                     "ratio_p10_p90": [round(ratios[orders // 10], 3), round(ratios[orders - orders // 10 - 1], 3)],
+                     "orders_within_0_4x": round(sum(r <= 0.4 for r in ratios) / orders, 2),
+                     "orders_best_kept": round(sum(kept) / orders, 2),
+                     "orders_both": round(sum(k and used / total <= 0.4 for k, (used, _) in zip(kept, runs)) / orders,
+                                          2)})
+    return rows
 
 
 def main() -> None:
@@ -138,7 +166,13 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--grace", type=int, default=1, help="ASHA's grace period in evaluations")
     parser.add_argument("--out", default=None, help="write the results JSON here")
+    parser.add_argument("--replay", default=None, metavar="JSON",
+                        help="only replay ASHA settings on the FIFO curves of an earlier --out file")
     args = parser.parse_args()
+    if args.replay:
+        fifo = next(r for r in json.loads(Path(args.replay).read_text())["runs"] if r["scheduler"] == "fifo")
+        print(json.dumps(replays(fifo["curves"], REPLAYED), indent=1))
+        return
     if not (BANKING77 / "train.csv").exists():
         raise SystemExit(f"BANKING77 not found at {BANKING77}")
     root = Path(tempfile.mkdtemp(prefix="bench-tune-"))
@@ -147,18 +181,10 @@ def main() -> None:
     ratio = {"steps_asha_over_fifo": round(asha["total_steps"] / fifo["total_steps"], 3),
              "wall_asha_over_fifo": round(asha["wall_s"] / fifo["wall_s"], 3),
              "accuracy_gap_points": round(100 * (fifo["best_accuracy"] - asha["best_accuracy"]), 2)}
-    # How typical the run's trial order was for ASHA: Ray's rule replayed on FIFO's fully-known curves, in the
-    # run's order and in 500 random orders (the first trials to reach a rung are promoted with little to compare).
-    known = curves(root / "fifo")
-    ordered = [known[trial]["accuracy"] for trial in sorted(known)]  # Tune's trial ids count up in start order
-    total = len(ordered) * args.evals
-    shuffled = [random.Random(seed).sample(ordered, len(ordered)) for seed in range(500)]
-    replays = sorted(replay_asha(order, args.grace, 4) / total for order in shuffled)
-    ratio["replay_in_run_order"] = round(replay_asha(ordered, args.grace, 4) / total, 3)
-    ratio["replay_random_orders_median"] = round(statistics.median(replays), 3)
-    ratio["replay_random_orders_p10_p90"] = [round(replays[50], 3), round(replays[449], 3)]
     report = {"steps_per_trial": args.steps, "evaluations_per_trial": args.evals, "micro_batch": args.micro_batch,
-              "grace_evaluations": args.grace, "ratios": ratio, "runs": results}
+              "grace_evaluations": args.grace, "ratios": ratio,
+              "replays": replays(fifo["curves"], [(args.grace, 4), *[s for s in REPLAYED if s != (args.grace, 4)]]),
+              "runs": results}
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:
