@@ -65,10 +65,10 @@ def _worker_entry(config: dict[str, Any]) -> None:
     from orchestrator.train_loop import train_worker
 
     spec = JobSpec.model_validate(config["spec"])
-    run_id = config["run_id"]
-    if run_id is not None and not isinstance(run_id, str):  # a trial's child run, still being created by a task
-        import ray
+    import ray
 
+    run_id = config["run_id"]
+    if isinstance(run_id, ray.ObjectRef):  # a trial's child run, created by a task beside Ray Train's start-up
         run_id = ray.get(run_id)
     train_worker(spec, RayContext(config["progress"]), config["tracking_uri"], run_id)
 
