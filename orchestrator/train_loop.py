@@ -196,15 +196,16 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
     if spec.model.task == "causal_lm":  # the adapter's saved job names the format it was trained on
         spec = spec.model_copy(update={"data": spec.data.model_copy(update={"format": task.data.format})})
     adapter = save_adapter(engine, spec, tokenizer, task.label_names, ctx.rank)
+    if ctx.rank == 0:  # before the final report: in a search, Tune may end the trial (workers and all) on seeing it
+        if start_step < plan.total_steps:  # the last evaluation was logged in the loop; a rerun logs nothing twice
+            sink.log_metrics({k: v for k, v in final.items() if k.startswith("test_")}, plan.total_steps)
+        sink.log_artifacts(adapter, ADAPTER_ARTIFACT)
+        sink.close()  # what the server did not take by now waits in output_dir/mlflow_pending.jsonl
     if start_step < plan.total_steps:
         checkpoint(plan.total_steps, final)  # the final state, carrying the run's result metrics
     else:  # a rerun of a finished job: its final checkpoint already exists; registering it twice would let
         ctx.report(final, None, "")  # Ray's retention delete the directory both entries point to
     if ctx.rank == 0:
-        if start_step < plan.total_steps:  # the last evaluation was logged in the loop; a rerun logs nothing twice
-            sink.log_metrics({k: v for k, v in final.items() if k.startswith("test_")}, plan.total_steps)
-        sink.log_artifacts(adapter, ADAPTER_ARTIFACT)
-        sink.close()  # what the server did not take by now waits in output_dir/mlflow_pending.jsonl
         ctx.progress({"event": "done", "adapter": adapter, **final})
     return final
 

@@ -96,6 +96,36 @@ def test_in_process_training_saves_an_adapter_that_round_trips(job, tiny_model, 
     assert accuracy > 0.5  # 4 balanced classes: chance is 0.25
 
 
+class _ArtifactsAtEachReport(LocalContext):
+    """Records which adapter files the MLflow run holds at each report."""
+
+    def __init__(self, root: str, client, run_id: str):
+        super().__init__(root)
+        self.client, self.run_id, self.seen = client, run_id, []
+
+    def report(self, metrics, checkpoint_dir, name):
+        self.seen.append({a.path for a in self.client.list_artifacts(self.run_id, "adapter")})
+        super().report(metrics, checkpoint_dir, name)
+
+
+def test_the_adapter_is_in_mlflow_before_the_final_report(job, tmp_path):
+    """In a search, Tune may end a trial, its workers included, as soon as the final report reaches it (the
+    scheduler's budget is spent): by then the trial's MLflow run must hold the adapter already (a run missing
+    adapter_config.json was seen when uploads came after that report)."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))
+    run_id = client.create_run(experiment).info.run_id
+    spec = spec_from_dict(job(scaling={"num_workers": 1},
+                              train={"epochs": None, "max_steps": 4, "eval_every_steps": 2}))
+    context = _ArtifactsAtEachReport(str(tmp_path / "ckpt"), client, run_id)
+    train_worker(spec, context, uri, run_id)
+    assert context.seen[0] == set()  # the first evaluation's report: nothing yet
+    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= context.seen[-1]
+
+
 class _Crash(RuntimeError):
     pass
 
