@@ -7,6 +7,7 @@ controller's poll interval, so it is called only at evaluation and checkpoint st
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -15,6 +16,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.planning import placement_problem, worker_resources
@@ -62,6 +64,9 @@ class RayContext:
 
 
 def _worker_entry(config: dict[str, Any]) -> None:
+    from orchestrator import warmup
+
+    warmup.wait()  # the imports this process started when Ray created it
     from orchestrator.train_loop import train_worker
 
     spec = JobSpec.model_validate(config["spec"])
@@ -221,9 +226,9 @@ def run_training(spec: JobSpec, tracking_uri: str, run_id: str, on_progress: Cal
 
 
 def make_trainer(spec: JobSpec, loop_config: dict[str, Any], name: str, verbose: bool, callbacks=()):
-    """The TorchTrainer for one training job; rerunning with the same name and output folder resumes it."""
+    """The Ray Train trainer for one training job (Ray's TorchTrainer, with :class:`TorchProcessGroup` as its
+    torch config); rerunning with the same name and output folder resumes it."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     # Each attempt to place the worker group waits `attempt_s` (Ray Train propagates the variable to its
     # controller); failed attempts are retried up to scaling.resource_wait_s in all. Ray's default retries
@@ -232,31 +237,146 @@ def make_trainer(spec: JobSpec, loop_config: dict[str, Any], name: str, verbose:
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(attempt_s)
     # The controller polls its workers this often (Ray's default: 2 s); a finished run waits for the next poll
     # before its workers are shut down, so each trial of a search ended ~1-2 s late.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    return TorchTrainer(
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    # Ray Train starts a process per run to watch for node drains and hand the news to the training function
+    # (ray.train.get_preemption_info); our loop does not ask, and recovers from a lost node by its checkpoints.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    return _trainer_class()(
         _worker_entry,
         train_loop_config=loop_config,
+        backend_config=TorchProcessGroup(backend="nccl" if spec.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.scaling.num_workers,
             use_gpu=spec.scaling.use_gpu,
             resources_per_worker=worker_resources(spec),
             placement_strategy=spec.scaling.placement_strategy,
         ),
-        torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=os.path.join(spec.output_dir, "ray"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=spec.scaling.max_failures,
                                                    controller_failure_limit=retries),
-            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if spec.scaling.use_gpu else "cpu",
-                                             "TRANSFORMERS_VERBOSITY": "info" if verbose else "error",
-                                             "TOKENIZERS_PARALLELISM": "false",
-                                             "HF_HUB_DISABLE_PROGRESS_BARS": "0" if verbose else "1"}},
+            worker_runtime_env=worker_runtime_env(spec, loop_config["tracking_uri"], verbose),
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
             callbacks=list(callbacks),
         ),
     )
+
+
+def worker_runtime_env(spec: JobSpec, tracking_uri: str | None, verbose: bool) -> dict[str, Any]:
+    """The Ray Train workers' runtime environment. Each worker process starts importing the training stack
+    the moment Ray starts it, while Ray Train is still setting it up (:mod:`orchestrator.warmup`, run as Ray's
+    worker-process setup hook)."""
+    from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+
+    from orchestrator import warmup
+
+    return {"env_vars": {"DS_ACCELERATOR": "cuda" if spec.scaling.use_gpu else "cpu",
+                         "TRANSFORMERS_VERBOSITY": "info" if verbose else "error",
+                         "TOKENIZERS_PARALLELISM": "false",
+                         "HF_HUB_DISABLE_PROGRESS_BARS": "0" if verbose else "1",
+                         WORKER_PROCESS_SETUP_HOOK_ENV_VAR: "orchestrator.warmup.start",
+                         warmup.ENV: ",".join(warmup.modules_for(tracking_uri))}}
+
+
+@functools.cache
+def _trainer_class():
+    """Ray Train's data-parallel trainer, without the Ray Data actor it starts for every run even when the run
+    has no Ray datasets (a DatasetManager process: ~1.4 s of CPU per run, per search trial). Our workers read
+    their own data (:mod:`orchestrator.tasks`)."""
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    class Trainer(DataParallelTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, DatasetsCallback)]
+
+    return Trainer
+
+
+@dataclass
+class TorchProcessGroup:
+    """Ray's ``TorchConfig`` (env:// process group, one rank per worker, Ray's own setup functions), minus one
+    thing: the driver and Ray Train's controller never import torch. ``TorchConfig``'s module imports torch, and
+    every search trial runs a driver and a controller process of its own: 2-4 s of each trial on 2 cores."""
+
+    backend: str = "gloo"
+    timeout_s: int = 1800
+
+    @property
+    def backend_cls(self):
+        return _backend_class()
+
+    @property
+    def train_func_context(self):
+        return _TorchDeviceContext
+
+    @property
+    def framework(self):
+        from ray.train.v2._internal.util import TrainingFramework
+
+        return TrainingFramework.TORCH
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "init_method": "env", "timeout_s": self.timeout_s}
+
+
+class _TorchDeviceContext:
+    """On each worker around the training function: Ray's (sets the CUDA device of a GPU worker)."""
+
+    def __enter__(self):
+        from ray.train.torch.config import TorchConfigContextManager
+
+        self._inner = TorchConfigContextManager()
+        return self._inner.__enter__()
+
+    def __exit__(self, *exc):
+        return self._inner.__exit__(*exc)
+
+
+def _set_master(addr: str, port: int) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
+
+
+def _join_process_group(**options) -> None:
+    from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group
+
+    _set_torch_distributed_env_vars()  # RANK, LOCAL_RANK, WORLD_SIZE, ... as torchrun sets them
+    _setup_torch_process_group(**options)
+
+
+def _leave_process_group(**options) -> None:
+    from ray.train.torch.config import _shutdown_torch
+
+    _shutdown_torch(**options)
+
+
+@functools.cache
+def _backend_class():
+    """``TorchConfig``'s backend for the non-TPU case, calling the same functions on the workers (built on
+    first use: importing this module does not import Ray)."""
+    import ray
+    from ray.train._internal.utils import get_address_and_port
+    from ray.train.backend import Backend
+
+    class TorchProcessGroupBackend(Backend):
+        def on_start(self, worker_group, config: TorchProcessGroup) -> None:
+            addr, port = worker_group.execute_single(0, get_address_and_port)
+            worker_group.execute(_set_master, addr=addr, port=port)
+            ray.get([worker_group.execute_single_async(rank, _join_process_group, backend=config.backend,
+                                                       world_rank=rank, world_size=len(worker_group),
+                                                       init_method="env://", timeout_s=config.timeout_s)
+                     for rank in range(len(worker_group))])
+
+        def on_shutdown(self, worker_group, config: TorchProcessGroup) -> None:
+            try:
+                ray.get(worker_group.execute_async(_leave_process_group,
+                                                   destroy_process_group=len(worker_group) > 1), timeout=30)
+            except ray.exceptions.GetTimeoutError:
+                logging.getLogger(__name__).warning("torch process group shutdown timed out after 30 s")
+
+    return TorchProcessGroupBackend
 
 
 def worker_error(error: BaseException) -> str:

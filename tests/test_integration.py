@@ -96,7 +96,9 @@ def test_more_workers_than_the_cluster_can_place_is_refused_before_any_worker(ra
     assert not Path(raw["output_dir"]).exists()
 
 
-LONG = {"epochs": None, "max_steps": 40, "checkpoint_every_steps": 5, "eval_every_steps": 5}
+# Long enough that a stop sent at the first checkpoint lands mid-run: at 40 steps a SIGTERM once arrived after
+# the last step (tiny steps take ~70 ms once reports stop waiting on a slow controller poll).
+LONG = {"epochs": None, "max_steps": 100, "checkpoint_every_steps": 5, "eval_every_steps": 5}
 
 
 def _last_checkpoint_step(output: Path) -> int:
@@ -129,13 +131,13 @@ def _wait_until_no_workers(seconds: float = 60) -> None:
 def _assert_metric_steps_whole(client, run_id: str, resumed_from: int) -> None:
     """Every logged step is there; only the replayed interval (after the restored checkpoint) appears twice."""
     steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
-    assert set(steps) == set(range(2, 41, 2)), steps
+    assert set(steps) == set(range(2, LONG["max_steps"] + 1, 2)), steps
     assert all(step > resumed_from for step in steps if steps.count(step) > 1), (resumed_from, steps)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(ray_cluster, tiny_model, tiny_data, tmp_path_factory):
-    """The 40-step two-worker job run once without faults: what an interrupted run must end up matching."""
+    """The LONG two-worker job run once without faults: what an interrupted run must end up matching."""
     spec = spec_from_dict(tiny_job(tmp_path_factory.mktemp("uninterrupted"), tiny_model, tiny_data, train=LONG))
     return _train_quietly(spec).metrics
 
@@ -216,7 +218,10 @@ def test_a_killed_worker_is_restarted_from_the_checkpoint_within_max_failures(ra
     client = MlflowClient(state["tracking_uri"])
     run = client.get_run(state["run_id"])
     if max_failures == 0:
-        assert "error" in outcome and "died" in str(outcome["error"]).lower(), outcome
+        # Ray Train reports whichever failure its poll sees first: the killed worker's death, or the survivor's
+        # gloo error on the broken connection ("Connection closed by peer" / "Read error ... remote worker")
+        assert "error" in outcome and any(sign in str(outcome["error"]).lower()
+                                          for sign in ("died", "remote worker")), outcome
         assert run.info.status == "FAILED"
         assert not (Path(spec.output_dir) / "adapter").exists()
         return

@@ -1,0 +1,100 @@
+"""What each Ray Train run (every search trial is one) costs before its first step: which processes it starts,
+what they import, and the workers' import warm-up. A trial's fixed start-up is its orchestration overhead."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from orchestrator import warmup
+from orchestrator.spec import spec_from_dict
+from tests.tiny import tiny_job
+
+
+def test_an_embedded_store_adds_its_sql_module_to_the_warm_up_and_a_server_does_not():
+    sql = "mlflow.store.tracking.sqlalchemy_store"
+    assert sql in warmup.modules_for("sqlite:////tmp/x/mlflow.db")
+    assert sql not in warmup.modules_for("http://127.0.0.1:5000")
+    assert sql not in warmup.modules_for(None)
+    assert set(warmup.MODULES) <= set(warmup.modules_for("http://127.0.0.1:5000"))
+
+
+def test_the_warm_up_imports_every_module_it_can_and_skips_one_that_fails(monkeypatch):
+    for name in ("colorsys", "wave"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setenv(warmup.ENV, "colorsys,orchestrator_no_such_module,wave")
+    monkeypatch.setattr(warmup, "_thread", None)
+    warmup.start()
+    warmup.wait()
+    assert "colorsys" in sys.modules and "wave" in sys.modules
+
+
+def test_building_a_trainer_and_its_torch_backend_does_not_import_torch(tmp_path, tiny_model, tiny_data):
+    """A search trial's driver builds the trainer and Ray Train's controller runs the backend's ``on_start``
+    side: neither needs torch, whose import costs seconds of CPU per trial on a small machine."""
+    spec = spec_from_dict(tiny_job(tmp_path, tiny_model, tiny_data))
+    code = textwrap.dedent(f"""
+        import sys
+        from orchestrator.launcher import TorchProcessGroup, make_trainer
+        from orchestrator.spec import JobSpec
+        spec = JobSpec.model_validate_json({spec.model_dump_json()!r})
+        trainer = make_trainer(spec, {{"spec": spec.model_dump(), "progress": None, "tracking_uri": None,
+                                       "run_id": None}}, "probe", False)
+        config = trainer.backend_config
+        assert isinstance(config, TorchProcessGroup) and config.backend == "gloo", config
+        config.backend_cls(), config.framework, config.train_func_context
+        print("torch" in sys.modules)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.integration
+def test_ray_starts_each_train_worker_already_importing_the_training_stack(ray_cluster, tmp_path, tiny_model,
+                                                                          tiny_data):
+    """The workers' runtime environment makes Ray run the warm-up as the process's setup hook, before the
+    process hosts anything: by the time the training function runs, its imports are done or under way."""
+    import ray
+
+    from orchestrator.launcher import worker_runtime_env
+
+    spec = spec_from_dict(tiny_job(tmp_path, tiny_model, tiny_data))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+
+    @ray.remote(num_cpus=0, runtime_env=worker_runtime_env(spec, uri, verbose=False))
+    class Worker:
+        def warmed(self):
+            from orchestrator import warmup as here
+
+            started = here._thread is not None
+            here.wait()
+            return started, [name for name in here.modules_for(uri) if name not in sys.modules]
+
+    worker = Worker.remote()
+    try:
+        started, missing = ray.get(worker.warmed.remote(), timeout=180)
+    finally:
+        ray.kill(worker)
+    assert started
+    assert missing == []
+
+
+@pytest.mark.integration
+def test_a_training_run_starts_no_process_it_does_not_need(ray_cluster, tmp_path, tiny_model, tiny_data):
+    """Ray Train starts, per run, a Ray Data manager and a node-drain watcher unless told otherwise; our runs
+    use neither, and a search pays for each process once per trial."""
+    from ray.util.state import list_actors
+
+    from tests.test_integration import _train_quietly
+
+    spec = spec_from_dict(tiny_job(tmp_path, tiny_model, tiny_data, scaling={"num_workers": 1},
+                                   train={"epochs": 1}, data={"test": None}))
+    before = {actor.actor_id for actor in list_actors(limit=10_000)}
+    _train_quietly(spec)
+    started = {actor.class_name for actor in list_actors(limit=10_000) if actor.actor_id not in before}
+    assert {"TrainController", "RayTrainWorker"} <= started
+    assert not started & {"DatasetManager", "PreemptionWatcher"}, started
