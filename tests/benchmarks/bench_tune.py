@@ -53,8 +53,8 @@ tune:
   metric: eval_accuracy
   search: grid
   space:
-    lora.r: {{grid: [4, 8, 16, 32]}}
-    train.learning_rate: {{grid: [1.0e-3, 3.0e-3, 1.0e-2, 3.0e-2]}}
+    lora.r: {{grid: {ranks}}}
+    train.learning_rate: {{grid: {lrs}}}
   scheduler: {{name: {scheduler}, grace_period: {grace}, reduction_factor: 4}}
   register_best: false
 """
@@ -64,7 +64,8 @@ def run(scheduler: str, args: argparse.Namespace, root: Path) -> dict:
     output = root / scheduler
     job = root / f"{scheduler}.yaml"
     job.write_text(JOB.format(output=output, data=BANKING77, steps=args.steps, eval_every=args.steps // args.evals,
-                              micro_batch=args.micro_batch, grace=args.grace, scheduler=scheduler))
+                              micro_batch=args.micro_batch, grace=args.grace, scheduler=scheduler,
+                              ranks=json.dumps(args.ranks), lrs=json.dumps(args.lrs)))
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "orchestrator", "tune", str(job)], cwd=REPO, capture_output=True,
                           text=True)
@@ -165,6 +166,11 @@ def main() -> None:
     parser.add_argument("--evals", type=int, default=20)
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--grace", type=int, default=1, help="ASHA's grace period in evaluations")
+    parser.add_argument("--ranks", type=lambda text: [int(r) for r in text.split(",")], default=[4, 8, 16, 32])
+    parser.add_argument("--lrs", type=lambda text: [float(r) for r in text.split(",")],
+                        default=[1.0e-3, 3.0e-3, 1.0e-2, 3.0e-2])
+    parser.add_argument("--fifo-only", action="store_true",
+                        help="run only the exhaustive search (for the overhead of trials of a given length)")
     parser.add_argument("--out", default=None, help="write the results JSON here")
     parser.add_argument("--replay", default=None, metavar="JSON",
                         help="only replay ASHA settings on the FIFO curves of an earlier --out file")
@@ -176,19 +182,28 @@ def main() -> None:
     if not (BANKING77 / "train.csv").exists():
         raise SystemExit(f"BANKING77 not found at {BANKING77}")
     root = Path(tempfile.mkdtemp(prefix="bench-tune-"))
+    if args.fifo_only:
+        fifo = run("fifo", args, root)
+        fifo.pop("curves")
+        report = {"steps_per_trial": args.steps, "evaluations_per_trial": args.evals, "runs": [fifo]}
+    else:
+        report = compare(args, root)
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+def compare(args: argparse.Namespace, root: Path) -> dict:
     results = [run("asha", args, root), run("fifo", args, root)]
     asha, fifo = results
     ratio = {"steps_asha_over_fifo": round(asha["total_steps"] / fifo["total_steps"], 3),
              "wall_asha_over_fifo": round(asha["wall_s"] / fifo["wall_s"], 3),
              "accuracy_gap_points": round(100 * (fifo["best_accuracy"] - asha["best_accuracy"]), 2)}
-    report = {"steps_per_trial": args.steps, "evaluations_per_trial": args.evals, "micro_batch": args.micro_batch,
-              "grace_evaluations": args.grace, "ratios": ratio,
-              "replays": replays(fifo["curves"], [(args.grace, 4), *[s for s in REPLAYED if s != (args.grace, 4)]]),
-              "runs": results}
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    return {"steps_per_trial": args.steps, "evaluations_per_trial": args.evals, "micro_batch": args.micro_batch,
+            "grace_evaluations": args.grace, "ratios": ratio,
+            "replays": replays(fifo["curves"], [(args.grace, 4), *[s for s in REPLAYED if s != (args.grace, 4)]]),
+            "runs": results}
 
 
 if __name__ == "__main__":
