@@ -304,8 +304,9 @@ TRIAL_TAG, PARENT_TAG = "orchestrator.trial_id", "mlflow.parentRunId"
 
 def start_trial_run(uri: str, parent_run_id: str, trial_id: str, spec: JobSpec, config: dict[str, Any]) -> str:
     """The trial's nested child run, created once per trial (by the study's ``TrialRuns`` actor, at the trial
-    driver's request, never by a worker) and found again by its tag when a resumed study restarts the trial; what the trial's worker could
-    not deliver before (``output_dir/mlflow_pending.jsonl``) is delivered to it then."""
+    driver's request, never by a worker) and found again by its tag when a resumed study restarts the trial;
+    what the trial's worker could not deliver before (``output_dir/mlflow_pending.jsonl``) is delivered to it
+    then."""
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
