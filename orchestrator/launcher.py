@@ -379,8 +379,17 @@ def _backend_class():
     return TorchProcessGroupBackend
 
 
+# A worker whose process died (killed, OOM, lost node). When one dies mid-step, the others fail too, with the
+# collective's error on the broken connection (gloo: "Connection reset by peer"); Ray lists every worker's
+# failure, in no fixed order, and the death is the cause.
+WORKER_DEATHS = ("WorkerHealthCheckFailedError", "ActorDiedError", "RayActorError", "ActorUnavailableError")
+
+
 def worker_error(error: BaseException) -> str:
-    """The last line of the worker's traceback (the actual error), not Ray's wrapping."""
+    """The last line of the worker's traceback (the actual error), not Ray's wrapping; a worker's death before
+    the errors it caused in the others."""
+    failures = list((getattr(error, "worker_failures", None) or {}).values())
+    error = next((f for f in failures if type(f).__name__ in WORKER_DEATHS), error)
     text = str(error).strip()
     lines = [line for line in text.splitlines() if line.strip() and not line.startswith(" ")]
     return lines[-1] if lines else type(error).__name__

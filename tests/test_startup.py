@@ -98,3 +98,20 @@ def test_a_training_run_starts_no_process_it_does_not_need(ray_cluster, tmp_path
     started = {actor.class_name for actor in list_actors(limit=10_000) if actor.actor_id not in before}
     assert {"TrainController", "RayTrainWorker"} <= started
     assert not started & {"DatasetManager", "PreemptionWatcher"}, started
+
+
+def test_a_dead_worker_is_named_before_the_errors_it_caused_in_the_others():
+    """Kill one worker mid-step and the survivors fail in their collective; Ray lists both failures in no fixed
+    order, and the message must name the death (seen: the gloo error reported instead, one run in two)."""
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from orchestrator.launcher import worker_error
+
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:19678: Connection reset by peer")
+    died = WorkerHealthCheckFailedError("A worker health check failed.",
+                                        RuntimeError("The actor is dead because its worker process has died."))
+    for failures in ({0: gloo, 1: died}, {0: died, 1: gloo}):
+        error = WorkerGroupError("\n".join(str(f) for f in reversed(failures.values())), failures)
+        assert "worker process has died" in worker_error(error)
+    assert "Connection reset" in worker_error(WorkerGroupError(str(gloo), {0: gloo}))
