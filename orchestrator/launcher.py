@@ -283,16 +283,131 @@ def worker_runtime_env(spec: JobSpec, tracking_uri: str | None, verbose: bool) -
 @functools.cache
 def _trainer_class():
     """Ray Train's data-parallel trainer, without the Ray Data actor it starts for every run even when the run
-    has no Ray datasets (a DatasetManager process: ~1.4 s of CPU per run, per search trial). Our workers read
-    their own data (:mod:`orchestrator.tasks`)."""
+    has no Ray datasets (a DatasetManager process: ~1.4 s of CPU per run, per search trial; our workers read
+    their own data, :mod:`orchestrator.tasks`), and without its per-run placement-group cleaner process when the
+    run is watched by a :class:`PlacementGroupWatch` instead (:func:`watched_by`)."""
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     class Trainer(DataParallelTrainer):
         def _create_default_callbacks(self):
-            return [c for c in super()._create_default_callbacks() if not isinstance(c, DatasetsCallback)]
+            callbacks = super()._create_default_callbacks()
+            drop = (DatasetsCallback, PlacementGroupCleanerCallback) if any(
+                getattr(c, "replaces_placement_group_cleaner", False) for c in callbacks) else (DatasetsCallback,)
+            return [c for c in callbacks if not isinstance(c, drop)]
 
     return Trainer
+
+
+class PlacementGroupWatch:
+    """Removes the placement group of a Ray Train run whose controller died without removing it; one per
+    search study, a Ray actor (no CPU) on the driver's node, watching every trial.
+
+    When Tune stops a trial early it ends the trial's process, and Ray ends the trial's Train controller with
+    it: the workers die, their placement group stays reserved until someone removes it. Ray Train starts a
+    cleaner process per run for this (``PlacementGroupCleaner``: a fresh process importing Ray Train, per
+    trial, polling the dashboard every second, and at the run's end stopping it waits up to that second).
+    Here one thread asks Ray's control store (GCS) every ``interval_s`` whether each watched controller is
+    still alive (~0.5 ms a question), and removes the group of one that is dead, unless already removed.
+    A study's watcher ends with the study's driver, and Ray removes the driver's placement groups then."""
+
+    def __init__(self, interval_s: float = 0.2):
+        self._groups: dict[str, Any] = {}  # controller actor id -> its worker group's placement group
+        self._lock = threading.Lock()
+        threading.Thread(target=self._watch, args=(interval_s,), name="placement-group-watch", daemon=True).start()
+
+    def ready(self) -> None:
+        """Returns once the actor runs."""
+
+    def watch(self, controller_id: str, group) -> None:
+        """The controller's current worker group is placed in ``group`` (a restarted group replaces the last)."""
+        with self._lock:
+            self._groups[controller_id] = group
+
+    def release(self, controller_id: str) -> None:
+        """The controller shut its worker group down itself (placement group removed)."""
+        with self._lock:
+            self._groups.pop(controller_id, None)
+
+    def watched(self) -> list[str]:
+        with self._lock:
+            return list(self._groups)
+
+    def _watch(self, interval_s: float) -> None:
+        import time
+
+        while True:
+            time.sleep(interval_s)
+            with self._lock:
+                watched = list(self._groups.items())
+            for controller_id, group in watched:
+                try:
+                    if _actor_alive(controller_id):
+                        continue
+                    _remove_unless_removed(group)
+                except Exception as error:  # noqa: BLE001 - GCS briefly unreachable: ask again next round
+                    logging.getLogger(__name__).warning("placement group watch: %s", error)
+                    continue
+                with self._lock:
+                    if self._groups.get(controller_id) is group:
+                        del self._groups[controller_id]
+
+
+def _actor_alive(actor_id: str) -> bool:
+    from ray._private.state import actors
+
+    return actors(actor_id=actor_id).get("State") != "DEAD"
+
+
+def _remove_unless_removed(group) -> None:
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    if ray.util.placement_group_table(group).get("state", "REMOVED") != "REMOVED":
+        logging.getLogger(__name__).info("removing placement group %s of a Ray Train run that died", group.id.hex())
+        remove_placement_group(group)
+
+
+def start_placement_group_watch():
+    """A :class:`PlacementGroupWatch` on the driver's node, running; pass it to :func:`watched_by`."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    watch = ray.remote(num_cpus=0)(PlacementGroupWatch).options(scheduling_strategy=here).remote()
+    ray.get(watch.ready.remote())
+    return watch
+
+
+def watched_by(watch):
+    """The Ray Train callback (``RunConfig.callbacks``) that has ``watch`` guard the run's placement group, in
+    place of Ray Train's per-run cleaner process."""
+    return _watched_class()(watch)
+
+
+@functools.cache
+def _watched_class():
+    import ray
+    from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
+
+    class Watched(ControllerCallback, WorkerGroupCallback):
+        replaces_placement_group_cleaner = True
+
+        def __init__(self, watch):
+            self.watch, self.controller_id = watch, None
+
+        def after_controller_start(self, train_run_context) -> None:
+            self.controller_id = ray.get_runtime_context().get_actor_id()
+
+        def after_worker_group_start(self, worker_group) -> None:
+            group = worker_group.get_worker_group_state().placement_group_handle.placement_group
+            ray.get(self.watch.watch.remote(self.controller_id, group), timeout=60)
+
+        async def before_controller_shutdown(self) -> None:  # the worker group, and its group, are gone
+            self.watch.release.remote(self.controller_id)
+
+    return Watched
 
 
 @dataclass

@@ -106,7 +106,7 @@ def _trial_entry(config: dict[str, Any], study: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.launcher import TrainingFailed, make_trainer, worker_error
+    from orchestrator.launcher import TrainingFailed, make_trainer, watched_by, worker_error
     from orchestrator.search import trial_spec
 
     spec = JobSpec.model_validate(study["spec"])
@@ -116,7 +116,8 @@ def _trial_entry(config: dict[str, Any], study: dict[str, Any]) -> None:
     # run id as an object ref and read it when they open their sink.
     run_id = study["runs"].start.remote(trial_id, trial, config)
     trainer = make_trainer(trial, {"spec": trial.model_dump(), "progress": None, "tracking_uri": study["tracking_uri"],
-                                   "run_id": run_id}, trial_id, study["verbose"], callbacks=[TuneReportCallback()])
+                                   "run_id": run_id}, trial_id, study["verbose"],
+                           callbacks=[TuneReportCallback(), watched_by(study["placement_groups"])])
     try:
         trainer.fit()
     except Exception as error:
@@ -198,11 +199,11 @@ def run_search(spec: JobSpec, *, tracking_uri: str, parent_run_id: str, concurre
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # a resumed study knows of trials ended >5 s earlier
     from ray import tune
 
-    from orchestrator.launcher import worker_error
+    from orchestrator.launcher import start_placement_group_watch, worker_error
 
     assert spec.tune is not None
     study = {"spec": spec.model_dump(), "tracking_uri": tracking_uri, "verbose": verbose,
-             "runs": _start_run_keeper(tracking_uri, parent_run_id)}
+             "runs": _start_run_keeper(tracking_uri, parent_run_id), "placement_groups": start_placement_group_watch()}
     trainable = tune.with_resources(tune.with_parameters(_trial_entry, study=study),
                                     {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
     run_config = tune.RunConfig(name=spec.name, storage_path=os.path.dirname(study_path(spec)), verbose=0,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -115,3 +116,63 @@ def test_a_dead_worker_is_named_before_the_errors_it_caused_in_the_others():
         error = WorkerGroupError("\n".join(str(f) for f in reversed(failures.values())), failures)
         assert "worker process has died" in worker_error(error)
     assert "Connection reset" in worker_error(WorkerGroupError(str(gloo), {0: gloo}))
+
+
+@pytest.mark.integration
+def test_a_study_watch_removes_the_placement_group_of_a_dead_controller_and_leaves_the_others(ray_cluster):
+    """Search trials share one watcher in place of a cleaner process each: a group is removed once its
+    controller is dead, never while it lives, and a released one is left to its controller."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    from orchestrator.launcher import start_placement_group_watch
+
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def actor_id(self):
+            return ray.get_runtime_context().get_actor_id()
+
+    def state(group):
+        return placement_group_table(group)["state"]
+
+    watch = start_placement_group_watch()
+    dying, living, releasing = (Controller.remote() for _ in range(3))
+    groups = [placement_group([{"CPU": 0.01}]) for _ in range(3)]
+    ray.get([group.ready() for group in groups], timeout=60)
+    ids = ray.get([c.actor_id.remote() for c in (dying, living, releasing)])
+    for controller_id, group in zip(ids, groups, strict=True):
+        ray.get(watch.watch.remote(controller_id, group))
+    ray.get(watch.release.remote(ids[2]))
+    try:
+        ray.kill(dying)
+        ray.kill(releasing)
+        deadline = time.monotonic() + 10
+        while state(groups[0]) != "REMOVED" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert state(groups[0]) == "REMOVED"
+        time.sleep(1)  # five more rounds of the watch
+        assert state(groups[1]) == "CREATED" and state(groups[2]) == "CREATED"
+        assert ray.get(watch.watched.remote()) == [ids[1]]
+    finally:
+        for group in groups[1:]:
+            remove_placement_group(group)
+        ray.kill(living)
+        ray.kill(watch)
+
+
+def test_a_watched_trial_trainer_starts_no_placement_group_cleaner_of_its_own(tmp_path, tiny_model, tiny_data):
+    """The trainer swaps Ray Train's per-run cleaner for the study's watch, and keeps it for a run not watched."""
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from orchestrator.launcher import make_trainer, watched_by
+
+    spec = spec_from_dict(tiny_job(tmp_path, tiny_model, tiny_data))
+    config = {"spec": spec.model_dump(), "progress": None, "tracking_uri": None, "run_id": None}
+
+    def cleaners(callbacks):
+        trainer = make_trainer(spec, config, "run", verbose=False, callbacks=callbacks)
+        return [type(c).__name__ for c in trainer._create_default_callbacks()
+                if isinstance(c, PlacementGroupCleanerCallback) or getattr(c, "replaces_placement_group_cleaner", 0)]
+
+    assert cleaners([]) == ["PlacementGroupCleanerCallback"]
+    assert cleaners([watched_by(watch=None)]) == ["Watched"]

@@ -38,6 +38,8 @@ def study_job(job, train=None, **tune_section):
 
 @pytest.fixture(scope="module")
 def study(ray_cluster, mlflow_server, tiny_model, tiny_data, tmp_path_factory):
+    from ray.util.state import list_actors
+
     from tests.tiny import tiny_job
 
     root = tmp_path_factory.mktemp("study")
@@ -45,8 +47,13 @@ def study(ray_cluster, mlflow_server, tiny_model, tiny_data, tmp_path_factory):
     raw["tracking"] = {"uri": mlflow_server, "experiment": "studies"}
     spec = spec_from_dict(raw)
     output = io.StringIO()
+    before = {actor.actor_id for actor in list_actors(limit=10_000)}
     result = tune(spec, console=StudyConsole("eval_loss", "min", Console(file=output, width=200)))
+    STARTED[:] = [actor.class_name for actor in list_actors(limit=10_000) if actor.actor_id not in before]
     return spec, result, output.getvalue()
+
+
+STARTED: list[str] = []  # the class of every Ray actor the study started
 
 
 def test_asha_stops_weak_trials_and_trains_fewer_steps_than_running_all(study):
@@ -72,6 +79,11 @@ def test_stopped_trials_free_their_workers(study):
         time.sleep(1)
     assert not workers, "Ray Train workers outlived the search"
     assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"], "CPUs still reserved"
+
+
+def test_trials_share_the_study_placement_group_watch_instead_of_a_cleaner_process_each(study):
+    assert STARTED.count("TrainController") == 4
+    assert STARTED.count("PlacementGroupWatch") == 1 and "PlacementGroupCleaner" not in STARTED, STARTED
 
 
 def test_mlflow_holds_a_parent_run_and_one_child_per_trial(study):
