@@ -208,11 +208,16 @@ def run_training(spec: JobSpec, tracking_uri: str, run_id: str, on_progress: Cal
                                   "run_id": run_id}, spec.run_name(), verbose)
     thread = threading.Thread(target=pump, daemon=True)
     thread.start()
+    # fit() sets a Ctrl-C handler that aborts the run; it holds the run's controller, which Ray ends only once
+    # no handle is left: a driver that lives on (a notebook, a test session) kept a controller process per run.
+    on_int = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     try:
         result = trainer.fit()
     except Exception as error:  # Ray wraps worker errors in TrainingFailedError and friends
         raise TrainingFailed(worker_error(error)) from error
     finally:
+        if on_int is not None:
+            signal.signal(signal.SIGINT, on_int)
         stop.set()
         thread.join(timeout=2)
         try:

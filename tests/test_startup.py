@@ -3,6 +3,7 @@ what they import, and the workers' import warm-up. A trial's fixed start-up is i
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -85,7 +86,8 @@ def test_ray_starts_each_train_worker_already_importing_the_training_stack(ray_c
 
 
 @pytest.mark.integration
-def test_a_training_run_starts_no_process_it_does_not_need(ray_cluster, tmp_path, tiny_model, tiny_data):
+def test_a_training_run_starts_no_process_it_does_not_need_and_leaves_none_behind(ray_cluster, tmp_path, tiny_model,
+                                                                                  tiny_data):
     """Ray Train starts, per run, a Ray Data manager and a node-drain watcher unless told otherwise; our runs
     use neither, and a search pays for each process once per trial."""
     from ray.util.state import list_actors
@@ -95,10 +97,23 @@ def test_a_training_run_starts_no_process_it_does_not_need(ray_cluster, tmp_path
     spec = spec_from_dict(tiny_job(tmp_path, tiny_model, tiny_data, scaling={"num_workers": 1},
                                    train={"epochs": 1}, data={"test": None}))
     before = {actor.actor_id for actor in list_actors(limit=10_000)}
+    handler = signal.getsignal(signal.SIGINT)
     _train_quietly(spec)
     started = {actor.class_name for actor in list_actors(limit=10_000) if actor.actor_id not in before}
     assert {"TrainController", "RayTrainWorker"} <= started
     assert not started & {"DatasetManager", "PreemptionWatcher"}, started
+
+    # Ray Train's Ctrl-C handler holds the run's controller; restored after the run, it lets the controller go
+    # (a long-lived driver, a notebook or this test session, kept one controller process per run).
+    assert signal.getsignal(signal.SIGINT) is handler
+    deadline = time.monotonic() + 30
+    while True:
+        alive = [actor.actor_id for actor in list_actors(filters=[("class_name", "=", "TrainController")])
+                 if actor.actor_id not in before and actor.state != "DEAD"]
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not alive, "the finished run's Ray Train controller is still alive"
 
 
 def test_a_dead_worker_is_named_before_the_errors_it_caused_in_the_others():
