@@ -407,7 +407,12 @@ def _watched_class():
 
         def after_worker_group_start(self, worker_group) -> None:
             group = worker_group.get_worker_group_state().placement_group_handle.placement_group
-            ray.get(self.watch.watch.remote(self.controller_id, group), timeout=60)
+            try:
+                ray.get(self.watch.watch.remote(self.controller_id, group), timeout=60)
+            except Exception as error:  # noqa: BLE001 - as Ray's cleaner: the run goes on, unguarded
+                logging.getLogger(__name__).warning(
+                    "placement group %s is not watched (%s): if this run's controller dies, its resources stay "
+                    "reserved until the study's driver ends", group.id.hex(), error)
 
         async def before_controller_shutdown(self) -> None:  # the worker group, and its group, are gone
             self.watch.release.remote(self.controller_id)

@@ -191,3 +191,27 @@ def test_a_watched_trial_trainer_starts_no_placement_group_cleaner_of_its_own(tm
 
     assert cleaners([]) == ["PlacementGroupCleanerCallback"]
     assert cleaners([watched_by(watch=None)]) == ["Watched"]
+
+
+@pytest.mark.integration
+def test_a_trial_goes_on_when_the_study_watch_is_gone(ray_cluster, caplog):
+    """Registering with the watch is a guard, not a step of training: a watch that died costs a warning."""
+    from types import SimpleNamespace
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from orchestrator.launcher import start_placement_group_watch, watched_by
+
+    watch = start_placement_group_watch()
+    ray.kill(watch)
+    group = placement_group([{"CPU": 0.01}])
+    handle = SimpleNamespace(placement_group=group)
+    worker_group = SimpleNamespace(get_worker_group_state=lambda: SimpleNamespace(placement_group_handle=handle))
+    callback = watched_by(watch)
+    callback.controller_id = "0" * 32
+    try:
+        callback.after_worker_group_start(worker_group)
+    finally:
+        remove_placement_group(group)
+    assert "is not watched" in caplog.text
