@@ -14,6 +14,7 @@ import os
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -188,11 +189,9 @@ def run_training(spec: JobSpec, tracking_uri: str, run_id: str, on_progress: Cal
     """
     import ray
     from ray.util.queue import Empty, Queue
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # On the driver's node: losing a worker node must not take the console's progress with it.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": driver_node()})
     stop = threading.Event()
 
     def pump() -> None:
@@ -340,8 +339,6 @@ class PlacementGroupWatch:
             return list(self._groups)
 
     def _watch(self, interval_s: float) -> None:
-        import time
-
         while True:
             time.sleep(interval_s)
             with self._lock:
@@ -374,15 +371,26 @@ def _remove_unless_removed(group) -> None:
         remove_placement_group(group)
 
 
-def start_placement_group_watch():
-    """A :class:`PlacementGroupWatch` on the driver's node, running; pass it to :func:`watched_by`."""
+def driver_node(soft: bool = True):
+    """Ray's scheduling strategy for a helper that belongs beside the driver (``soft=False``: only there)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    watch = ray.remote(num_cpus=0)(PlacementGroupWatch).options(scheduling_strategy=here).remote()
-    ray.get(watch.ready.remote())
-    return watch
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=soft)
+
+
+def start_beside_driver(cls, *args, soft: bool = True):
+    """An actor of ``cls`` (no CPU) on the driver's node, returned once its ``ready()`` has returned."""
+    import ray
+
+    actor = ray.remote(num_cpus=0)(cls).options(scheduling_strategy=driver_node(soft)).remote(*args)
+    ray.get(actor.ready.remote())
+    return actor
+
+
+def start_placement_group_watch():
+    """A running :class:`PlacementGroupWatch` on the driver's node; pass it to :func:`watched_by`."""
+    return start_beside_driver(PlacementGroupWatch)
 
 
 def watched_by(watch):

@@ -7,7 +7,8 @@ MLflow child run (answered beside Ray Train's start-up, not before it), and runs
 set-up (:func:`orchestrator.launcher.make_trainer`) with the spec's scaling and DeepSpeed settings.
 ``TuneReportCallback`` forwards every report from rank 0 (one
 per evaluation) to Tune, so the scheduler sees each intermediate metric. Stopping a trial kills its actor, its
-Train controller with it, and Train's placement-group cleaner frees the workers' resources.
+Train controller with it, and the study's :class:`orchestrator.launcher.PlacementGroupWatch` frees the workers'
+resources.
 """
 
 from __future__ import annotations
@@ -144,16 +145,6 @@ class TrialRuns:
         return tracking.start_trial_run(self.tracking_uri, self.parent_run_id, trial_id, trial, config)
 
 
-def _start_run_keeper(tracking_uri: str, parent_run_id: str):
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    keeper = ray.remote(num_cpus=0)(TrialRuns).options(scheduling_strategy=here).remote(tracking_uri, parent_run_id)
-    ray.get(keeper.ready.remote())  # study set-up, paid once: not inside the first trials' start-up
-    return keeper
-
-
 def _events_class():
     from ray import tune
 
@@ -199,11 +190,14 @@ def run_search(spec: JobSpec, *, tracking_uri: str, parent_run_id: str, concurre
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # a resumed study knows of trials ended >5 s earlier
     from ray import tune
 
-    from orchestrator.launcher import start_placement_group_watch, worker_error
+    from orchestrator.launcher import start_beside_driver, start_placement_group_watch, worker_error
 
     assert spec.tune is not None
     study = {"spec": spec.model_dump(), "tracking_uri": tracking_uri, "verbose": verbose,
-             "runs": _start_run_keeper(tracking_uri, parent_run_id), "placement_groups": start_placement_group_watch()}
+             # MLflow imported and the store opened once, before the first trial (an embedded store is a path on
+             # the driver's node, hence soft=False)
+             "runs": start_beside_driver(TrialRuns, tracking_uri, parent_run_id, soft=False),
+             "placement_groups": start_placement_group_watch()}
     trainable = tune.with_resources(tune.with_parameters(_trial_entry, study=study),
                                     {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
     run_config = tune.RunConfig(name=spec.name, storage_path=os.path.dirname(study_path(spec)), verbose=0,
