@@ -75,7 +75,7 @@ def ray_cluster():
     """One real local Ray cluster (2 CPUs) for the integration tests; its address for subprocess drivers."""
     import ray
 
-    from orchestrator.launcher import connect
+    from orchestrator.runtime.launcher import connect
 
     connect()
     yield ray.get_runtime_context().gcs_address

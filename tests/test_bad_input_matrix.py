@@ -97,7 +97,7 @@ def cases(tmp: Path, model: Path) -> dict[str, tuple[object, str]]:
 
 def test_each_malformed_input_is_refused_with_its_field_and_nothing_left(tmp_path, job, tiny_model, capsys,
                                                                           monkeypatch):
-    from orchestrator import launcher
+    from orchestrator.runtime import launcher
 
     def reached(*_args, **_kwargs):
         raise SpecError("a Ray step was reached")

@@ -11,10 +11,19 @@ import pytest
 import torch
 
 from orchestrator.cli import EXIT_BAD_INPUT, main
-from orchestrator.lm_data import IGNORE, Encoded, collate, encode, encode_split, load_lm_data, pack, trained_tokens
-from orchestrator.session import LocalContext
 from orchestrator.spec import DataSpec, SpecError, spec_from_dict
-from orchestrator.train_loop import train_worker
+from orchestrator.train.lm_data import (
+    IGNORE,
+    Encoded,
+    collate,
+    encode,
+    encode_split,
+    load_lm_data,
+    pack,
+    trained_tokens,
+)
+from orchestrator.train.loop import train_worker
+from orchestrator.train.session import LocalContext
 from tests.tiny import write_job, write_tiny_lm_data
 
 CHAT = {"messages": [{"role": "system", "content": "answer briefly"},
@@ -66,7 +75,7 @@ def test_truncation_caps_length_and_drops_examples_left_without_a_trained_token(
     short = {"prompt": "question : my invoice answer :", "completion": " topic : billing"}
     assert len(encode(long_prompt, tokenizer, 16, "completion")) == 16
     assert trained_tokens(encode(long_prompt, tokenizer, 16, "completion")) == 0
-    from orchestrator.lm_data import LMSplit
+    from orchestrator.train.lm_data import LMSplit
 
     split = LMSplit("train", "mem", [long_prompt, short], "x")
     kept, dropped = encode_split(split, tokenizer, DataSpec(train="x", max_length=16))
@@ -195,7 +204,7 @@ def test_in_process_training_learns_and_its_adapter_loads_with_plain_peft_and_ge
 def test_generate_takes_a_registry_uri(trained, tmp_path, capsys):
     from mlflow import MlflowClient
 
-    from orchestrator.registry import register_adapter
+    from orchestrator.tracking.registry import register_adapter
 
     spec, events, _ = trained
     uri = f"sqlite:///{tmp_path}/registry.db"
@@ -229,7 +238,7 @@ def test_chat_data_on_a_model_without_a_chat_template_is_refused_before_training
 
 
 def test_all_linear_adapts_attention_and_mlp_but_not_the_output_layer(lm_job):
-    from orchestrator.modeling import build_peft_model
+    from orchestrator.train.modeling import build_peft_model
 
     model = build_peft_model(spec_from_dict(lm_job(lora={"r": 4, "target_modules": "all-linear"})), None)
     adapted = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if hasattr(m, "lora_A") and m.lora_A}
@@ -240,7 +249,7 @@ def test_all_linear_adapts_attention_and_mlp_but_not_the_output_layer(lm_job):
 
 
 def test_gradient_checkpointing_changes_memory_not_the_gradients(lm_job, tokenizer):
-    from orchestrator.modeling import build_peft_model
+    from orchestrator.train.modeling import build_peft_model
 
     examples = _examples(tokenizer)
     grads = []

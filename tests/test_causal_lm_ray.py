@@ -12,9 +12,9 @@ import pytest
 from rich.console import Console
 
 from orchestrator.cli import main
-from orchestrator.console import TrainingConsole
 from orchestrator.spec import spec_from_dict
-from orchestrator.training import train
+from orchestrator.workflows.console import TrainingConsole
+from orchestrator.workflows.training import train
 from tests.tiny import write_job
 
 pytestmark = pytest.mark.integration

@@ -10,8 +10,8 @@ import json
 import pytest
 
 from orchestrator.cli import EXIT_BAD_INPUT, main
-from orchestrator.comparison import parse_methods
 from orchestrator.spec import SpecError, spec_from_dict
+from orchestrator.workflows.comparison import parse_methods
 from tests.tiny import tiny_job, write_job
 
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from orchestrator.cli import EXIT_BAD_INPUT, main
-from orchestrator.evaluation import evaluate_file
-from orchestrator.inference import load_adapter
-from orchestrator.session import LocalContext
+from orchestrator.serve.evaluation import evaluate_file
+from orchestrator.serve.inference import load_adapter
 from orchestrator.spec import spec_from_dict
-from orchestrator.train_loop import train_worker
+from orchestrator.train.loop import train_worker
+from orchestrator.train.session import LocalContext
 from tests.tiny import tiny_job, tiny_lm_job
 
 

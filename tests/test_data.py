@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 import torch
 
-from orchestrator.data import load_task_data
-from orchestrator.metrics import classification_metrics
 from orchestrator.spec import spec_from_dict
-from orchestrator.train_loop import _check_adapter
+from orchestrator.train.data import load_task_data
+from orchestrator.train.loop import _check_adapter
+from orchestrator.train.metrics import classification_metrics
 
 
 def _frame(tiny_data, split):

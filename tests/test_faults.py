@@ -15,9 +15,9 @@ from tests.tiny import write_job
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_IN_PROCESS = """
 import json, sys, yaml
-from orchestrator.session import LocalContext
+from orchestrator.train.session import LocalContext
 from orchestrator.spec import spec_from_dict
-from orchestrator.train_loop import train_worker
+from orchestrator.train.loop import train_worker
 spec = spec_from_dict(yaml.safe_load(open(sys.argv[1])))
 print(json.dumps(train_worker(spec, LocalContext(sys.argv[2]), None, None)))
 """
@@ -59,7 +59,7 @@ class _Flaky:
 
 
 def test_the_tracking_buffer_keeps_order_retries_on_schedule_and_bounds_what_it_keeps(tmp_path):
-    from orchestrator.tracking import BufferedSink
+    from orchestrator.tracking.sinks import BufferedSink
 
     now = [0.0]
     inner = _Flaky()
@@ -96,7 +96,7 @@ def test_a_tracking_server_down_at_the_end_keeps_the_adapter_and_a_rerun_records
 
     from mlflow import MlflowClient
 
-    from orchestrator.tracking import PENDING_FILE
+    from orchestrator.tracking.sinks import PENDING_FILE
     from tests.tiny import MlflowServer
 
     (tmp_path / "mlflow").mkdir()

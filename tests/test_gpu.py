@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.session import LocalContext
 from orchestrator.spec import spec_from_dict
-from orchestrator.train_loop import train_worker
+from orchestrator.train.loop import train_worker
+from orchestrator.train.session import LocalContext
 
 pytestmark = pytest.mark.gpu
 

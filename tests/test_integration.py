@@ -16,9 +16,9 @@ import yaml
 from rich.console import Console
 
 from orchestrator.cli import EXIT_BAD_INPUT, main
-from orchestrator.console import TrainingConsole
 from orchestrator.spec import spec_from_dict
-from orchestrator.training import train
+from orchestrator.workflows.console import TrainingConsole
+from orchestrator.workflows.training import train
 from tests.test_lora import _predict
 from tests.tiny import tiny_job, train_workers, write_job
 
@@ -195,7 +195,7 @@ def test_a_killed_worker_is_restarted_from_the_checkpoint_within_max_failures(ra
 
     from mlflow import MlflowClient
 
-    from orchestrator.launcher import TrainingFailed
+    from orchestrator.runtime.launcher import TrainingFailed
 
     spec = spec_from_dict(job(train=LONG, scaling={"max_failures": max_failures}))
     outcome: dict = {}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.search import FINISHED, STOPPED_EARLY
+from orchestrator.plan.search import FINISHED, STOPPED_EARLY
 from tests.tiny import train_workers, write_job
 
 pytestmark = [pytest.mark.load, pytest.mark.integration, pytest.mark.timeout(1800)]

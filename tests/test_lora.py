@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.modeling import build_peft_model
-from orchestrator.planning import deepspeed_config, plan_batches
-from orchestrator.session import LocalContext
+from orchestrator.plan.batches import deepspeed_config, plan_batches
 from orchestrator.spec import spec_from_dict
-from orchestrator.train_loop import train_worker
+from orchestrator.train.loop import train_worker
+from orchestrator.train.modeling import build_peft_model
+from orchestrator.train.session import LocalContext
 
 LABELS = ["billing", "hardware", "login", "shipping"]
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import memory
 from orchestrator.cli import EXIT_BAD_INPUT, main
-from orchestrator.memory import GiB, Setting, estimate, model_shape
+from orchestrator.plan import memory
+from orchestrator.plan.memory import GiB, Setting, estimate
 from orchestrator.spec import SpecError, spec_from_dict
+from orchestrator.train.shape import model_shape
 from tests.conftest import REPO
 from tests.tiny import tiny_job, write_job
 
@@ -134,7 +135,7 @@ def test_prediction_is_within_25_percent_of_measured_peak(model, checkpointing, 
 
 def test_train_refuses_a_job_that_does_not_fit_before_ray_starts(tiny_model, tiny_data, tmp_path, capsys,
                                                                  monkeypatch):
-    from orchestrator import launcher
+    from orchestrator.runtime import launcher
 
     def reached(*_args, **_kwargs):  # connecting to (or starting) Ray is the first cluster step
         raise SpecError("reached the launch")
@@ -152,7 +153,7 @@ def test_train_refuses_a_job_that_does_not_fit_before_ray_starts(tiny_model, tin
 
 
 def test_the_cluster_tells_a_cpu_workers_share_of_memory(ray_cluster, tiny_model, tiny_data, tmp_path):
-    from orchestrator import launcher
+    from orchestrator.runtime import launcher
 
     spec = spec_from_dict(tiny_job(tmp_path, tiny_model, tiny_data, scaling={"num_workers": 2}))
     available, where = launcher.device_memory(spec, launcher.cluster_nodes())

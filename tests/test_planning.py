@@ -6,17 +6,17 @@ import json
 
 import pytest
 
-from orchestrator.modeling import read_deepspeed_json
-from orchestrator.planning import (
+from orchestrator.plan.batches import (
     deepspeed_config,
     epoch_shard,
     eval_shard,
     lr_multiplier,
     micro_batch_indices,
-    placement_problem,
     plan_batches,
 )
+from orchestrator.plan.placement import placement_problem
 from orchestrator.spec import SpecError, spec_from_dict
+from orchestrator.train.modeling import read_deepspeed_json
 
 
 def test_plan_batches_arithmetic(job):

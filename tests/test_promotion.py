@@ -4,18 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.promotion import (
-    FIRST,
-    KEPT,
-    PROMOTED,
-    decide,
-    pick_snapshot,
-    resolve_snapshot,
-    rollback_target,
-    snapshot_job,
-)
-from orchestrator.registry import Ref, RegistryError, parse_ref
+from orchestrator.plan.promotion import FIRST, KEPT, PROMOTED, decide, pick_snapshot, rollback_target, snapshot_job
 from orchestrator.spec import RetrainSpec, SnapshotSpec, SpecError, spec_from_dict
+from orchestrator.tracking.registry import Ref, RegistryError, parse_ref
+from orchestrator.train.data import resolve_snapshot
 from tests.tiny import write_tiny_data
 
 DATES = ["2026-09-30", "2026-11-01", "2026-10-15", "notes", "2026-11-01-partial.tmp"]

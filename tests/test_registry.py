@@ -209,7 +209,7 @@ def test_two_retrains_racing_end_with_one_champion_and_every_version(world):
 
 KILLED_AT_THE_FIRST_ALIAS_MOVE = """
 import os, signal, sys
-from orchestrator import registry
+from orchestrator.tracking import registry
 from orchestrator.cli import main
 registry.move_alias = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)  # registered; no alias moved
 sys.exit(main(sys.argv[1:]))
@@ -217,7 +217,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_a_retrain_killed_between_registering_and_moving_aliases_is_finished_exactly_once(world):
-    from orchestrator.retraining import DECISION_RUN_TAG
+    from orchestrator.workflows.retraining import DECISION_RUN_TAG
 
     client, before, champion_before = world["client"], versions(world), champion(world)
     env = {**os.environ, "RAY_ADDRESS": world["ray"]}

@@ -7,22 +7,11 @@ import json
 
 import pytest
 
-from orchestrator.report import write_summary
-from orchestrator.search import (
-    FAILED,
-    FINISHED,
-    STOPPED_EARLY,
-    TrialOutcome,
-    classify,
-    concurrency,
-    grid_points,
-    num_trials,
-    rank_advice,
-    searchable_fields,
-    trial_spec,
-    trials_that_fit,
-)
+from orchestrator.plan.placement import concurrency, trials_that_fit
+from orchestrator.plan.search import FAILED, FINISHED, STOPPED_EARLY, TrialOutcome, classify, rank_advice
 from orchestrator.spec import SpecError, spec_from_dict
+from orchestrator.spec.space import grid_points, num_trials, searchable_fields, trial_spec
+from orchestrator.workflows.report import write_summary
 
 SPACE = {"lora.r": {"grid": [2, 4]}, "train.learning_rate": {"loguniform": [1e-4, 1e-2]}}
 
@@ -180,7 +169,8 @@ def test_a_resumed_trial_finds_its_child_run_again_and_delivers_what_its_worker_
 
     from mlflow import MlflowClient
 
-    from orchestrator import tracking
+    from orchestrator.tracking import runs as tracking
+    from orchestrator.tracking.sinks import PENDING_FILE
 
     spec = spec_from_dict(study(job))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -188,7 +178,7 @@ def test_a_resumed_trial_finds_its_child_run_again_and_delivers_what_its_worker_
     parent = client.create_run(client.create_experiment("study", artifact_location=str(tmp_path / "art"))).info.run_id
     trial = trial_spec(spec, {"lora.r": 2}, str(tmp_path / "t1"), "abc_00001")
     first = tracking.start_trial_run(uri, parent, "abc_00001", trial, {"lora.r": 2})
-    pending = Path(trial.output_dir, tracking.PENDING_FILE)  # what a worker cut off from the server left behind
+    pending = Path(trial.output_dir, PENDING_FILE)  # what a worker cut off from the server left behind
     pending.parent.mkdir(parents=True)
     pending.write_text(json.dumps({"call": "log_metrics", "args": [{"eval_loss": 0.5}, 7]}) + "\n")
 

@@ -9,18 +9,18 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.session import LocalContext
 from orchestrator.spec import spec_from_dict
-from orchestrator.train_loop import train_worker
+from orchestrator.train.loop import train_worker
+from orchestrator.train.session import LocalContext
 from tests.tiny import write_job
 
 SECRET = "s3cr3t-7f1c9a42-do-not-log"
 
 
 def test_a_secret_in_the_environment_appears_in_no_output_and_not_in_the_store(job, tmp_path, monkeypatch):
-    from orchestrator import tracking
-    from orchestrator.tasks import load_data
-    from orchestrator.training import data_inputs
+    from orchestrator.tracking import runs as tracking
+    from orchestrator.train.tasks import load_data
+    from orchestrator.workflows.training import data_inputs
 
     for name in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN"):
         monkeypatch.setenv(name, SECRET)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.modeling import model_folder
-from orchestrator.session import LocalContext
 from orchestrator.spec import load_spec
-from orchestrator.train_loop import train_worker
+from orchestrator.train.loop import train_worker
+from orchestrator.train.modeling import model_folder
+from orchestrator.train.session import LocalContext
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.pretrained,

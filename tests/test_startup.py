@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from orchestrator import warmup
 from orchestrator.spec import spec_from_dict
+from orchestrator.train import warmup
 from tests.tiny import tiny_job
 
 
@@ -40,7 +40,7 @@ def test_building_a_trainer_and_its_torch_backend_does_not_import_torch(tmp_path
     spec = spec_from_dict(tiny_job(tmp_path, tiny_model, tiny_data))
     code = textwrap.dedent(f"""
         import sys
-        from orchestrator.launcher import TorchProcessGroup, make_trainer
+        from orchestrator.runtime.launcher import TorchProcessGroup, make_trainer
         from orchestrator.spec import JobSpec
         spec = JobSpec.model_validate_json({spec.model_dump_json()!r})
         trainer = make_trainer(spec, {{"spec": spec.model_dump(), "progress": None, "tracking_uri": None,
@@ -62,7 +62,7 @@ def test_ray_starts_each_train_worker_already_importing_the_training_stack(ray_c
     process hosts anything: by the time the training function runs, its imports are done or under way."""
     import ray
 
-    from orchestrator.launcher import worker_runtime_env
+    from orchestrator.runtime.launcher import worker_runtime_env
 
     spec = spec_from_dict(tiny_job(tmp_path, tiny_model, tiny_data))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -70,7 +70,7 @@ def test_ray_starts_each_train_worker_already_importing_the_training_stack(ray_c
     @ray.remote(num_cpus=0, runtime_env=worker_runtime_env(spec, uri, verbose=False))
     class Worker:
         def warmed(self):
-            from orchestrator import warmup as here
+            from orchestrator.train import warmup as here
 
             started = here._thread is not None
             here.wait()
@@ -122,7 +122,7 @@ def test_a_dead_worker_is_named_before_the_errors_it_caused_in_the_others():
     from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
     from ray.train.v2.api.exceptions import WorkerGroupError
 
-    from orchestrator.launcher import worker_error
+    from orchestrator.runtime.launcher import worker_error
 
     gloo = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:19678: Connection reset by peer")
     died = WorkerHealthCheckFailedError("A worker health check failed.",
@@ -140,7 +140,7 @@ def test_a_study_watch_removes_the_placement_group_of_a_dead_controller_and_leav
     import ray
     from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
-    from orchestrator.launcher import start_placement_group_watch
+    from orchestrator.runtime.launcher import start_placement_group_watch
 
     @ray.remote(num_cpus=0)
     class Controller:
@@ -179,7 +179,7 @@ def test_a_watched_trial_trainer_starts_no_placement_group_cleaner_of_its_own(tm
     """The trainer swaps Ray Train's per-run cleaner for the study's watch, and keeps it for a run not watched."""
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    from orchestrator.launcher import make_trainer, watched_by
+    from orchestrator.runtime.launcher import make_trainer, watched_by
 
     spec = spec_from_dict(tiny_job(tmp_path, tiny_model, tiny_data))
     config = {"spec": spec.model_dump(), "progress": None, "tracking_uri": None, "run_id": None}
@@ -201,7 +201,7 @@ def test_a_trial_goes_on_when_the_study_watch_is_gone(ray_cluster, caplog):
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from orchestrator.launcher import start_placement_group_watch, watched_by
+    from orchestrator.runtime.launcher import start_placement_group_watch, watched_by
 
     watch = start_placement_group_watch()
     ray.kill(watch)

@@ -16,10 +16,10 @@ import pytest
 from rich.console import Console
 
 from orchestrator.cli import EXIT_BAD_INPUT, main
-from orchestrator.console import StudyConsole
-from orchestrator.search import FINISHED, STOPPED_EARLY
+from orchestrator.plan.search import FINISHED, STOPPED_EARLY
 from orchestrator.spec import spec_from_dict
-from orchestrator.tuning import tune
+from orchestrator.workflows.console import StudyConsole
+from orchestrator.workflows.tuning import tune
 from tests.tiny import train_workers, write_job
 
 pytestmark = pytest.mark.integration

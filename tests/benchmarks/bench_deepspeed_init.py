@@ -25,9 +25,9 @@ import json, os, sys, time
 sys.path.insert(0, {repo!r})
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import deepspeed, torch
-from orchestrator.modeling import build_peft_model, skip_shared_memory_allreduce
-from orchestrator.planning import deepspeed_config, plan_batches
-from orchestrator.session import LocalContext
+from orchestrator.train.modeling import build_peft_model, skip_shared_memory_allreduce
+from orchestrator.plan.batches import deepspeed_config, plan_batches
+from orchestrator.train.session import LocalContext
 from orchestrator.spec import spec_from_dict
 from tests.tiny import tiny_job
 from pathlib import Path

@@ -34,8 +34,8 @@ CONFIGS = ("lora", "full")
 
 def model_folder() -> str:
     """The plain Hugging Face folder of SmolLM2-135M (the GGUF dequantized once into the orchestrator cache)."""
-    from orchestrator.modeling import model_folder as resolve
     from orchestrator.spec import ModelSpec
+    from orchestrator.train.modeling import model_folder as resolve
 
     return resolve(ModelSpec(path=GGUF_PACKAGE, gguf_file=GGUF_FILE, task="causal_lm"))
 

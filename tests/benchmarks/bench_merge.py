@@ -29,8 +29,8 @@ def variants(name: str) -> dict[str, torch.nn.Module]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from orchestrator.modeling import model_folder
     from orchestrator.spec import ModelSpec
+    from orchestrator.train.modeling import model_folder
 
     task, path, gguf = MODELS[name]
     folder = model_folder(ModelSpec(path=path, gguf_file=gguf, task=task))

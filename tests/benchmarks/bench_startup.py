@@ -26,10 +26,11 @@ def main() -> None:
     def mark(name: str) -> None:
         marks[name] = time.perf_counter() - START - sum(marks.values())
 
-    from orchestrator import launcher, tracking
-    from orchestrator.preflight import preflight
+    from orchestrator.runtime import launcher
     from orchestrator.spec import load_spec
-    from orchestrator.training import data_inputs
+    from orchestrator.tracking import runs as tracking
+    from orchestrator.workflows.preflight import preflight
+    from orchestrator.workflows.training import data_inputs
 
     mark("imports")
     output = tempfile.mkdtemp()

@@ -34,9 +34,9 @@ def bare_loop(steps: int, threads: int, full: bool) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from orchestrator.data import load_task_data
-    from orchestrator.modeling import resolve_model_path
     from orchestrator.spec import load_spec
+    from orchestrator.train.data import load_task_data
+    from orchestrator.train.modeling import resolve_model_path
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -1,0 +1,143 @@
+"""Pure planning: batch and step arithmetic, the learning-rate schedule, data sharding, the DeepSpeed
+config and whether the workers fit the cluster. Plain functions over plain data; no Ray, no torch."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.spec import JobSpec, SpecError
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How many examples, micro-batches and optimizer steps the job runs (per worker unless said)."""
+
+    world_size: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    examples_per_worker: int  # per epoch, after padding the shards to equal length
+    micro_batches_per_epoch: int
+    total_steps: int  # optimizer steps
+    warmup_steps: int
+    eval_every_steps: int
+    checkpoint_every_steps: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.world_size * self.micro_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return self.micro_batches_per_epoch / self.gradient_accumulation_steps
+
+
+def plan_batches(spec: JobSpec, num_train_examples: int) -> BatchPlan:
+    """Derives the step counts from the spec and the size of the training set."""
+    train, world = spec.train, spec.scaling.num_workers
+    if num_train_examples < world:
+        raise SpecError(f"data.train: {num_train_examples} examples cannot be split across "
+                        f"{world} workers; add data or lower scaling.num_workers")
+    per_worker = math.ceil(num_train_examples / world)
+    micro_per_epoch = math.ceil(per_worker / train.micro_batch_size)
+    steps_per_epoch = micro_per_epoch / train.gradient_accumulation_steps
+    total = train.max_steps or max(1, math.floor(train.epochs * steps_per_epoch))
+    epoch_steps = max(1, math.floor(steps_per_epoch))
+    eval_every = min(train.eval_every_steps or epoch_steps, total)
+    return BatchPlan(
+        world_size=world,
+        micro_batch_size=train.micro_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        examples_per_worker=per_worker,
+        micro_batches_per_epoch=micro_per_epoch,
+        total_steps=total,
+        warmup_steps=math.floor(train.warmup_ratio * total),
+        eval_every_steps=eval_every,
+        checkpoint_every_steps=min(train.checkpoint_every_steps or eval_every, total),
+    )
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
+    """Factor on the peak learning rate before optimizer step ``step`` (0-based): linear warmup, then decay."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return max(0.0, 1.0 - progress)
+
+
+def epoch_shard(num_examples: int, rank: int, world_size: int, epoch: int, seed: int) -> list[int]:
+    """This rank's example indices for one epoch: one seeded shuffle shared by all ranks, dealt round robin,
+    wrapped so every rank gets ``ceil(n / world)`` (all ranks must run the same number of steps)."""
+    order = list(range(num_examples))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    per_worker = math.ceil(num_examples / world_size)
+    padded = (order * 2)[: per_worker * world_size]
+    return padded[rank::world_size]
+
+
+def micro_batch_indices(plan: BatchPlan, num_examples: int, rank: int, micro_step: int, seed: int) -> list[int]:
+    """Example indices of global micro-batch ``micro_step`` on ``rank``; a pure function of the step, so a
+    resumed run sees exactly the batches an uninterrupted run would."""
+    epoch, position = divmod(micro_step, plan.micro_batches_per_epoch)
+    shard = epoch_shard(num_examples, rank, plan.world_size, epoch, seed)
+    start = position * plan.micro_batch_size
+    return shard[start:start + plan.micro_batch_size]
+
+
+def eval_shard(num_examples: int, rank: int, world_size: int) -> list[int]:
+    """This rank's evaluation indices, padded with -1 so every rank runs the same number of batches."""
+    per_worker = math.ceil(num_examples / world_size)
+    return [i if i < num_examples else -1 for i in range(rank, per_worker * world_size, world_size)]
+
+
+def deepspeed_config(spec: JobSpec, plan: BatchPlan, user_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The DeepSpeed config dict for the job; ``user_config`` (the JSON at deepspeed.config, read by
+    :func:`orchestrator.train.modeling.read_deepspeed_json`) wins, with our batch keys."""
+    train, ds = spec.train, spec.deepspeed
+    batch = {
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+        "train_batch_size": plan.global_batch_size,
+    }
+    if user_config is not None:
+        for key, value in batch.items():
+            if user_config.get(key, "auto") not in ("auto", value):
+                raise SpecError(f"deepspeed.config: {key} is {user_config[key]} in {ds.config} but the spec "
+                                f"gives {value}; remove it from the JSON or set 'auto'")
+        return {**user_config, **batch}
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer and ds.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": spec.scaling.use_gpu}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": spec.scaling.use_gpu}
+    if ds.zero_stage == 3:
+        # Saving the adapter gathers the (small) trainable parameters itself; no 16-bit full-model gather.
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return {
+        **batch,
+        "optimizer": {
+            "type": "AdamW",
+            # On CPU, torch's AdamW: DeepSpeed's compiled CPU Adam would be JIT-built (a minute) on every fresh
+            # machine. DeepSpeed reads the flag from "params"; beside it, it is silently ignored.
+            "params": {"lr": train.learning_rate, "weight_decay": train.weight_decay, "betas": [0.9, 0.999],
+                       "torch_adam": not spec.scaling.use_gpu},
+        },
+        "gradient_clipping": train.max_grad_norm,
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": train.precision == "fp16"},
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,  # progress is ours; keep DeepSpeed's own step logs quiet
+        "wall_clock_breakdown": False,
+    }
+
+
+
+
+
+

@@ -1,0 +1,146 @@
+"""Evaluating a saved adapter in this process (no Ray): what the promotion gate compares champion and
+challenger with, on the same held-out rows, with the same code.
+"""
+
+from __future__ import annotations
+
+from orchestrator.spec import SpecError
+from orchestrator.train.data import Split
+from orchestrator.train.metrics import classification_metrics
+from orchestrator.train.modeling import LABELS_FILE, adapter_labels, resolve_model_path
+
+
+def evaluate_adapter(folder: str, base_model: str, split: Split, label_names: list[str],
+                     max_length: int, batch_size: int = 64) -> dict[str, float]:
+    """Loss, accuracy and macro-F1 of the adapter in ``folder`` on ``split`` (labels index ``label_names``).
+
+    The adapter's own label list maps its outputs by name, so an adapter trained before a label was added is
+    scored on the same rows: it can never predict the new label, and its loss counts only the rows it knows.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    own = adapter_labels(folder)
+    if own is None:
+        raise SpecError(f"{folder}: no {LABELS_FILE}; it is not an adapter this project trained")
+    base = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_path(base_model), num_labels=len(own), id2label=dict(enumerate(own)),
+        label2id={n: i for i, n in enumerate(own)}, use_safetensors=True, ignore_mismatched_sizes=True)
+    model = PeftModel.from_pretrained(base, folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    to_ours = [label_names.index(n) if n in label_names else -1 for n in own]
+    to_theirs = {label_names.index(n): i for i, n in enumerate(own) if n in label_names}
+    predictions, losses = [], []
+    with torch.inference_mode():
+        for start in range(0, len(split.texts), batch_size):
+            texts = split.texts[start:start + batch_size]
+            labels = split.labels[start:start + batch_size]
+            batch = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+            logits = model(**batch).logits.float()
+            predictions += [to_ours[i] for i in logits.argmax(-1).tolist()]
+            known = [(row, to_theirs[y]) for row, y in enumerate(labels) if y in to_theirs]
+            if known:
+                rows, targets = zip(*known)
+                losses += torch.nn.functional.cross_entropy(logits[list(rows)], torch.tensor(targets),
+                                                            reduction="none").tolist()
+    result = classification_metrics(predictions, split.labels, len(label_names))
+    return {**result, "loss": sum(losses) / max(len(losses), 1)}
+
+
+def evaluate_file(loaded, data_path: str, out_dir: str | None = None, batch_size: int = 32,
+                  max_length: int | None = None) -> dict:
+    """``orchestrator eval``: the task's metrics for a loaded adapter on a data file, with a progress bar.
+
+    Classification: accuracy, macro-F1, loss, a per-class report and a confusion-matrix PNG (labels matched by
+    name; rows with labels the adapter never learned count as errors). Causal LM: token-weighted loss and
+    perplexity over the trained tokens, as in training. The data file's columns and format default to the ones
+    the adapter was trained with (its saved job). Files go to ``out_dir`` when given.
+    """
+    import json
+    from pathlib import Path
+
+    import torch
+    from rich.progress import Progress
+
+    from orchestrator.spec import DataSpec
+    from orchestrator.train.metrics import confusion_matrix, per_class_report
+
+    trained = loaded.trained_data
+    keys = ("text_column", "label_column", "format", "prompt_column", "completion_column", "messages_column",
+            "train_on", "max_length")
+    data = DataSpec(train=data_path, **{k: trained[k] for k in keys if k in trained},
+                    **({"max_length": max_length} if max_length else {}))
+    device = next(loaded.model.parameters()).device
+    result: dict = {"adapter": loaded.folder, "data": data_path}
+    with Progress(transient=True) as progress, torch.inference_mode():
+        if loaded.task == "causal_lm":
+            from orchestrator.train.lm_data import LMSplit, collate, encode_split, read_records
+            from orchestrator.train.tasks import lm_eval_rows, lm_metrics
+
+            split = LMSplit("eval", data_path, read_records(data_path, "--data", data)[1], "")
+            if loaded.tokenizer.pad_token_id is None:
+                loaded.tokenizer.pad_token = loaded.tokenizer.eos_token
+            rows, dropped = encode_split(split, loaded.tokenizer, data)
+            done, sums = progress.add_task("eval", total=len(rows)), []
+            for start in range(0, len(rows), batch_size):
+                batch = collate(rows[start:start + batch_size], loaded.tokenizer.pad_token_id, isolated=False)
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                sums += lm_eval_rows(loaded.model(**batch).logits, batch)
+                progress.advance(done, len(batch["input_ids"]))
+            result.update(lm_metrics(sums), examples=len(rows), skipped=dropped)
+        else:
+            from orchestrator.train.data import _read_columns
+
+            texts, names = _read_columns(data_path, "--data", data)
+            index = {name: i for i, name in enumerate(loaded.labels)}
+            unknown = len(loaded.labels)  # an extra class for labels the adapter never learned
+            labels = [index.get(name, unknown) for name in names]
+            done, predictions, losses = progress.add_task("eval", total=len(texts)), [], []
+            for start in range(0, len(texts), batch_size):
+                batch = loaded.tokenizer(texts[start:start + batch_size], truncation=True, padding=True,
+                                         max_length=data.max_length, return_tensors="pt").to(device)
+                logits = loaded.model(**batch).logits.float()
+                predictions += logits.argmax(-1).tolist()
+                targets = torch.tensor(labels[start:start + batch_size], device=logits.device)
+                known = targets != unknown  # no loss for a label the adapter has no output for
+                losses += torch.nn.functional.cross_entropy(logits[known], targets[known], reduction="none").tolist()
+                progress.advance(done, len(batch["input_ids"]))
+            classes = list(loaded.labels) + (["(unknown to the adapter)"] if unknown in labels else [])
+            report = per_class_report(predictions, labels, classes)
+            result.update({**classification_metrics(predictions, labels, len(classes)),  # as training defines them
+                           "loss": sum(losses) / max(1, len(losses)), "examples": len(labels),
+                           "per_class": report,
+                           "confusion_matrix": confusion_matrix(predictions, labels, len(classes)),
+                           "classes": classes})
+    if out_dir:
+        folder = Path(out_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.json").write_text(json.dumps(result, indent=1))
+        if "confusion_matrix" in result:
+            _confusion_png(result["confusion_matrix"], result["classes"], folder / "confusion_matrix.png")
+    return result
+
+
+def _confusion_png(counts: list[list[int]], classes: list[str], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = max(4.0, 0.35 * len(classes) + 2)
+    figure, axes = plt.subplots(figsize=(size, size))
+    axes.imshow(counts, cmap="Blues")
+    axes.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+    axes.set_yticks(range(len(classes)), classes, fontsize=7)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    for i, row in enumerate(counts):
+        for j, count in enumerate(row):
+            if count:
+                axes.text(j, i, str(count), ha="center", va="center", fontsize=6)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

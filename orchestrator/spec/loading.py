@@ -1,0 +1,131 @@
+"""Reading a job: YAML file or mapping, key.path=value overrides, validation with messages that name the field,
+relative paths made absolute."""
+
+from __future__ import annotations
+
+import difflib
+import re
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from orchestrator.spec.schema import PACKAGE_PREFIX, SPEC_VERSION, JobSpec, SpecError
+from orchestrator.spec.space import check_space
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    """Reads a job file, applies ``key.path=value`` overrides and returns the validated spec.
+
+    Raises:
+        SpecError: with the key path and what to change, for any problem in the file or the overrides.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"job file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise SpecError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a job file is a mapping of sections (version, name, model, data, ...)")
+    raw.setdefault("name", re.sub(r"[^A-Za-z0-9_.-]", "-", path.stem)[:64])
+    for override in overrides:
+        _apply_override(raw, override)
+    return spec_from_dict(raw, source=str(path))
+
+
+def spec_from_dict(raw: dict[str, Any], source: str = "spec") -> JobSpec:
+    """Validates a plain mapping into a :class:`JobSpec` with relative paths made absolute."""
+    if raw.get("version") != SPEC_VERSION:
+        raise SpecError(f"{source}: version: must be {SPEC_VERSION} (got {raw.get('version')!r}); "
+                        f"add 'version: {SPEC_VERSION}' as the first line")
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as error:
+        raise SpecError(f"{source}: " + "\n  ".join(_describe(e) for e in error.errors())) from None
+    spec = _resolve_paths(spec)
+    if spec.tune:  # every point of the space must make a valid job
+        problems = check_space(spec)
+        if problems:
+            raise SpecError(f"{source}: " + "\n  ".join(problems))
+    return spec
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise SpecError(f"override {override!r}: write it as key.path=value, e.g. train.learning_rate=1e-3")
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"override {override!r}: {part} is not a section")
+    node[leaf] = yaml.safe_load(value) if value else None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    location = [str(part) for part in error["loc"]]
+    message = error["msg"]
+    if message.startswith("Value error, @"):  # a cross-field rule names its own field
+        field, _, message = message[len("Value error, @"):].partition(": ")
+        return f"{field}: {message}"
+    where = ".".join(location) or "(top level)"
+    if location and location[-1] == "uri":
+        return f"{where}: {message.removeprefix('Value error, ')}"  # never echo a URI: it may hold a password
+    if error["type"] == "extra_forbidden":
+        known = _fields_at(location[:-1])
+        close = difflib.get_close_matches(location[-1], known, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
+        return f"{where}: unknown key{hint}"
+    if error["type"] == "missing":
+        return f"{where}: required, not given"
+    return f"{where}: {message} (got {error.get('input')!r})"
+
+
+def _fields_at(location: list[str]) -> list[str]:
+    """The keys known at a location of a job file (through optional sections and mappings like tune.space)."""
+    model: Any = JobSpec
+    parts = iter(location)
+    for part in parts:
+        field = model.model_fields.get(part)
+        model = getattr(field, "annotation", None) if field else None
+        if typing.get_origin(model) is dict:
+            model = typing.get_args(model)[1]
+            next(parts, None)  # the mapping's key, e.g. the dotted field in tune.space
+        model = next((a for a in typing.get_args(model) if isinstance(a, type) and issubclass(a, BaseModel)), model)
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+    return list(model.model_fields)
+
+
+def _absolute(path: str | None) -> str | None:
+    if path is None or path.startswith(PACKAGE_PREFIX) or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def _resolve_paths(spec: JobSpec) -> JobSpec:
+    model_path = spec.model.path
+    if Path(model_path).expanduser().exists() or model_path.startswith((".", "/", "~")):
+        model_path = _absolute(model_path)
+    data = spec.data.model_copy(update={k: _absolute(getattr(spec.data, k)) for k in ("train", "validation", "test")})
+    adapter = spec.model.adapter
+    if adapter and not adapter.startswith("models:/"):
+        adapter = _absolute(adapter)
+    retrain = spec.retrain
+    if retrain:
+        retrain = retrain.model_copy(update={"data": retrain.data.model_copy(update={
+            "root": _absolute(retrain.data.root)})})
+    return spec.model_copy(update={
+        "output_dir": _absolute(spec.output_dir),
+        "model": spec.model.model_copy(update={"path": model_path, "adapter": adapter}),
+        "retrain": retrain,
+        "data": data,
+        "deepspeed": spec.deepspeed.model_copy(update={"config": _absolute(spec.deepspeed.config)}),
+    })

@@ -1,0 +1,2 @@
+"""The only code that imports MLflow: worker sinks (:mod:`.sinks`), runs (:mod:`.runs`) and the model registry
+(:mod:`.registry`)."""

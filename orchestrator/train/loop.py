@@ -1,0 +1,282 @@
+"""The per-worker training loop, top to bottom: setup, loop (forward, loss, backward, step, report), save.
+
+The same function runs on every Ray Train worker and in-process (``session.LocalContext``). DeepSpeed owns the
+optimizer, precision, gradient accumulation, clipping and ZeRO sharding; PEFT owns the LoRA wiring.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from orchestrator.plan.batches import deepspeed_config, eval_shard, lr_multiplier, micro_batch_indices, plan_batches
+from orchestrator.spec import JobSpec
+from orchestrator.tracking.runs import ADAPTER_ARTIFACT
+from orchestrator.tracking.sinks import PENDING_FILE, BufferedSink, MetricSink, MlflowSink, NullSink
+from orchestrator.train.modeling import (
+    LABELS_FILE,
+    build_peft_model,
+    load_checkpoints_as_data,
+    model_folder,
+    parameter_counts,
+    read_deepspeed_json,
+    skip_shared_memory_allreduce,
+)
+from orchestrator.train.session import WorkerContext
+from orchestrator.train.tasks import generate, load_data, make_task
+
+ADAPTER_DIR = "adapter"
+SAMPLES_TABLE = "samples.json"  # the MLflow table of generated completions (causal LM)
+
+
+def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, run_id: str | None) -> dict[str, float]:
+    """Trains the job's LoRA adapter on this worker; returns the final metrics (rank 0's are authoritative)."""
+    # ------------------------------------------------------------------ setup
+    ctx.progress({"event": "worker_started"})  # lets the driver tell Ray's start-up from ours
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if spec.scaling.use_gpu else "cpu")
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(spec.train.seed)
+    if not spec.scaling.use_gpu:
+        torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
+    sink: MetricSink = NullSink()
+    if ctx.rank == 0 and run_id:  # an unreachable server never stops training: calls wait locally (bounded)
+        sink = BufferedSink(MlflowSink(tracking_uri, run_id), str(Path(spec.output_dir, PENDING_FILE)),
+                            spec.tracking.max_pending, spec.tracking.retry_every_s,
+                            warn=lambda text: ctx.progress({"event": "warning", "text": text}))
+    tokenizer = AutoTokenizer.from_pretrained(model_folder(spec.model))
+    task = make_task(spec, load_data(spec), tokenizer)  # classification or causal LM: data, batches, metrics
+    plan = plan_batches(spec, task.size("train"))
+    before_model_mb = _memory_now_mb(spec.scaling.use_gpu)  # what the model and training add is measured from here
+    model = build_peft_model(spec, task.label_names)
+    trainable, total = parameter_counts(model)
+    skip_shared_memory_allreduce()
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(spec, plan, read_deepspeed_json(spec.deepspeed.config)),
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_multiplier(step, plan.total_steps, plan.warmup_steps, spec.train.scheduler)),
+        dist_init_required=False,
+    )
+    load_checkpoints_as_data(engine)
+    nodes: list[str | None] = [None] * ctx.world_size
+    dist.all_gather_object(nodes, ctx.node_id)  # where each rank runs, recorded on the run
+    start_step = 0
+    with ctx.restore() as checkpoint:
+        if checkpoint:
+            _, client_state = engine.load_checkpoint(checkpoint, load_module_strict=False)
+            start_step = client_state["step"]
+            torch.set_rng_state(client_state["torch_rng"])  # same dropout masks as an uninterrupted run
+    sink.log_params({"trainable_params": trainable, "total_params": total,
+                     "trainable_percent": round(100 * trainable / total, 4),
+                     "global_batch_size": plan.global_batch_size, "total_steps": plan.total_steps,
+                     "world_size": ctx.world_size})
+    sink.set_tags({"orchestrator.worker_nodes": json.dumps(nodes)})
+    if start_step:
+        sink.set_tags({"orchestrator.resumed_from_step": str(start_step)})
+    ctx.progress({"event": "start", "step": start_step, "total": plan.total_steps, "trainable": trainable,
+                  "total_params": total})
+
+    def to_device(batch: dict) -> dict:
+        return {k: v.to(engine.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def evaluate(split: str) -> dict[str, float]:
+        """The task's metrics on a split (classification: loss, accuracy, macro-F1; causal LM: loss,
+        perplexity); every rank runs the same number of forward passes."""
+        engine.eval()
+        indices, local = eval_shard(task.size(split), ctx.rank, ctx.world_size), []
+        with torch.no_grad():
+            for start in range(0, len(indices), plan.micro_batch_size * 2):
+                chunk = indices[start:start + plan.micro_batch_size * 2]
+                batch = to_device(task.batch(split, [max(i, 0) for i in chunk])[0])
+                rows = task.eval_rows(engine(**batch).logits, batch)
+                local += [row for i, row in zip(chunk, rows) if i >= 0]  # -1: padding to equal shard sizes
+        gathered: list = [None] * ctx.world_size
+        dist.all_gather_object(gathered, local)
+        engine.train()
+        return task.metrics([row for part in gathered for row in part])
+
+    prompts = task.sample_prompts() if spec.model.task == "causal_lm" else []
+    zero3 = spec.deepspeed.zero_stage == 3
+
+    def samples(step: int) -> None:
+        """Completions for the fixed prompts, logged as rows of an MLflow table (rank 0; all ranks under ZeRO-3,
+        whose partitioned parameters need every rank in each forward pass)."""
+        if not prompts or not (ctx.rank == 0 or zero3):
+            return
+        shown = [readable for readable, _ in prompts]
+        texts = generate(engine.module, tokenizer, [rendered for _, rendered in prompts],
+                         spec.generation.max_new_tokens, add_special_tokens=not task.prompts_have_special_tokens,
+                         synced=zero3)
+        if ctx.rank == 0:
+            sink.log_table({"step": [step] * len(texts), "prompt": shown, "completion": texts}, SAMPLES_TABLE)
+            ctx.progress({"event": "samples", "step": step, "samples": list(zip(shown, texts))})
+
+    def checkpoint(step: int, metrics: dict[str, float]) -> None:
+        with tempfile.TemporaryDirectory(prefix="orchestrator-ckpt-") as folder:
+            engine.save_checkpoint(folder, tag="state", client_state={"step": step, "torch_rng": torch.get_rng_state()},
+                                   exclude_frozen_parameters=True)
+            ctx.report(metrics, folder, f"step_{step:07d}")
+
+    # ------------------------------------------------------------------ loop
+    if start_step == 0 and spec.model.task == "causal_lm":  # the base model: what training is compared with
+        base = {f"eval_{k}": v for k, v in evaluate("validation").items()}
+        sink.log_metrics(base, 0)
+        ctx.progress({"event": "eval", "step": 0, "total": plan.total_steps, **base})
+        samples(0)
+    engine.train()
+    window = {"loss": 0.0, "tokens": 0, "examples": 0, "steps": 0, "seconds": 0.0}  # since the last log line
+    metrics: dict[str, float] = {}
+    train_seconds = 0.0  # this session's time in forward/backward/step, the denominator of overhead figures
+    timers = {"evaluation_seconds": 0.0, "report_seconds": 0.0}  # evaluation; checkpoint saving + reporting to Ray
+    for step in range(start_step, plan.total_steps):
+        step_start = time.perf_counter()
+        for micro in range(plan.gradient_accumulation_steps):
+            micro_step = step * plan.gradient_accumulation_steps + micro
+            indices = micro_batch_indices(plan, task.size("train"), ctx.rank, micro_step, spec.train.seed)
+            batch, tokens = task.batch("train", indices)
+            loss = engine(**to_device(batch)).loss
+            engine.backward(loss)
+            engine.step()  # DeepSpeed steps the optimizer and scheduler only at the accumulation boundary
+            window["loss"] += loss.item() / plan.gradient_accumulation_steps
+            window["tokens"] += tokens
+            window["examples"] += len(indices)
+        window["steps"] += 1
+        window["seconds"] += time.perf_counter() - step_start  # training time only: no eval, report or logging
+        done = step + 1
+        if done % spec.train.log_every_steps == 0 or done == plan.total_steps:
+            stats = torch.tensor([window["loss"], window["tokens"], window["examples"], window["seconds"]],
+                                 dtype=torch.float64)
+            dist.all_reduce(stats)  # sums over workers; seconds summed too, so divide by world size
+            seconds = stats[3].item() / ctx.world_size
+            train_seconds += seconds
+            peak_mb = _peak_memory_mb(spec.scaling.use_gpu)
+            metrics = {"train_loss": stats[0].item() / ctx.world_size / window["steps"],
+                       "peak_memory_mb": peak_mb, "train_memory_mb": peak_mb - before_model_mb,
+                       "learning_rate": engine.get_lr()[0], "tokens_per_s": stats[1].item() / seconds,
+                       "samples_per_s": stats[2].item() / seconds, "train_seconds": train_seconds,
+                       "epoch": done * plan.gradient_accumulation_steps / plan.micro_batches_per_epoch}
+            sink.log_metrics(metrics, done)
+            ctx.progress({"event": "step", "step": done, "total": plan.total_steps, **metrics})
+            window = dict.fromkeys(window, 0)
+        last = done == plan.total_steps
+        is_eval = done % plan.eval_every_steps == 0 or last
+        is_checkpoint = done % plan.checkpoint_every_steps == 0 and not last  # the last one follows the save
+        if is_eval:
+            started = time.perf_counter()
+            evaluation = {f"eval_{k}": v for k, v in evaluate("validation").items()}
+            samples(done)
+            timers["evaluation_seconds"] += time.perf_counter() - started
+            metrics = {**metrics, **evaluation, **timers, "step": done, "trainable_params": trainable,
+                       "total_params": total}
+            sink.log_metrics(evaluation, done)
+            ctx.progress({"event": "eval", "step": done, "total": plan.total_steps, **evaluation})
+        started = time.perf_counter()
+        if is_checkpoint:
+            checkpoint(done, metrics)
+        elif is_eval and not last:
+            ctx.report(metrics, None, "")
+        timers["report_seconds"] += time.perf_counter() - started
+
+    # ------------------------------------------------------------------ save
+    final = dict(metrics)
+    if "eval_loss" not in final:  # nothing left to train (a rerun of a finished job): evaluate anyway
+        final.update({f"eval_{k}": v for k, v in evaluate("validation").items()})
+    if spec.data.test is not None:
+        final.update({f"test_{k}": v for k, v in evaluate("test").items()})
+    if spec.model.task == "causal_lm":  # the adapter's saved job names the format it was trained on
+        spec = spec.model_copy(update={"data": spec.data.model_copy(update={"format": task.data.format})})
+    adapter = save_adapter(engine, spec, tokenizer, task.label_names, ctx.rank)
+    if ctx.rank == 0:  # before the final report: in a search, Tune may end the trial (workers and all) on seeing it
+        if start_step < plan.total_steps:  # the last evaluation was logged in the loop; a rerun logs nothing twice
+            sink.log_metrics({k: v for k, v in final.items() if k.startswith("test_")}, plan.total_steps)
+        sink.log_artifacts(adapter, ADAPTER_ARTIFACT)
+        sink.close()  # what the server did not take by now waits in output_dir/mlflow_pending.jsonl
+    if start_step < plan.total_steps:
+        checkpoint(plan.total_steps, final)  # the final state, carrying the run's result metrics
+    else:  # a rerun of a finished job: its final checkpoint already exists; registering it twice would let
+        ctx.report(final, None, "")  # Ray's retention delete the directory both entries point to
+    if ctx.rank == 0:
+        ctx.progress({"event": "done", "adapter": adapter, **final})
+    return final
+
+
+def _memory_now_mb(on_gpu: bool) -> float:
+    """This worker's memory in use now: CUDA tensors on GPU, the process's resident set on CPU."""
+    import torch
+
+    if on_gpu:
+        return torch.cuda.memory_allocated() / 2**20
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_memory_mb(on_gpu: bool) -> float:
+    """This worker's peak memory: the CUDA allocator's peak on GPU, the process's peak RSS on CPU."""
+    import resource
+
+    import torch
+
+    if on_gpu:
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def save_adapter(engine, spec: JobSpec, tokenizer, label_names: list[str] | None, rank: int) -> str:
+    """Writes the trained adapter in plain PEFT format to ``output_dir/adapter`` (atomically, rank 0).
+
+    Under ZeRO-3 the trainable parameters are partitioned across ranks, so every rank joins the gather; the
+    saved tensors are then checked to be non-empty, finite and trained (LoRA B starts at zero).
+    """
+    import deepspeed
+
+    model = engine.module
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    names = {id(p): n for n, p in model.named_parameters()}
+    target = Path(spec.output_dir, ADAPTER_DIR)
+    with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None, enabled=spec.deepspeed.zero_stage == 3):
+        if rank == 0:
+            state = {names[id(p)]: p.detach().to("cpu", copy=True) for p in trainable}
+    if rank != 0:
+        return str(target)
+    Path(spec.output_dir).mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=".adapter-", dir=spec.output_dir))
+    model.save_pretrained(partial, state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    if label_names is not None:
+        (partial / LABELS_FILE).write_text(json.dumps(label_names, indent=1))
+    (partial / "orchestrator_job.yaml").write_text(yaml.safe_dump(spec.model_dump(), sort_keys=False))
+    _check_adapter(partial, spec.method.name)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(partial, target)
+    return str(target)
+
+
+def _check_adapter(folder: Path, method: str = "lora") -> None:
+    """Refuses to publish empty, non-finite or (LoRA) untrained weights; full fine-tuning saved a whole model."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    problems = [name for name, t in tensors.items() if t.numel() == 0 or not bool(t.float().isfinite().all())]
+    if method not in ("lora", "qlora"):
+        if not tensors or problems:
+            raise RuntimeError(f"refusing to publish broken {method} weights in {folder}: {len(tensors)} tensors, "
+                               f"empty or non-finite: {problems[:5]}")
+        return
+    lora_b = [t for name, t in tensors.items() if "lora_B" in name]
+    if not lora_b or problems or all(float(t.float().abs().max()) == 0 for t in lora_b):
+        raise RuntimeError(f"refusing to publish a broken adapter in {folder}: "
+                           f"{len(lora_b)} LoRA B tensors, empty or non-finite: {problems[:5]}, or all zero")

@@ -1,0 +1,68 @@
+"""The planner's view of a model (:class:`orchestrator.plan.memory.ModelShape`), counted on the meta device from its
+config alone: no weights are read."""
+
+from __future__ import annotations
+
+from orchestrator.plan.memory import ModelShape
+from orchestrator.spec import JobSpec, SpecError
+
+
+def model_shape(spec: JobSpec, num_labels: int | None) -> ModelShape:
+    """Counts the model's parameters on the meta device (config only; no weights are read)."""
+    import torch
+    from peft import get_peft_model
+
+    from orchestrator.train.modeling import _auto_class, load_model_config, lora_config, peft_config
+
+    config = load_model_config(spec, num_labels)
+    with torch.device("meta"):
+        try:
+            model = _auto_class(spec.model.task).from_config(config, trust_remote_code=spec.model.trust_remote_code)
+        except ValueError as error:
+            raise SpecError(f"model.task: {spec.model.task} does not fit {spec.model.path} "
+                            f"({type(config).__name__}): {str(error)[:200]}") from None
+        total = sum(p.numel() for p in model.parameters())
+        layers = _get(config, "num_hidden_layers", "n_layer", "num_layers")
+        linear = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        in_blocks = [m for n, m in linear if any(f".{k}." in f".{n}." for k in range(layers))]
+        gated = any(n.endswith("gate_proj") for n, _ in linear)
+        method_trainable = total
+        if spec.method.name == "prefix" and spec.model.task == "sequence_classification":
+            _check_prefix_support(model)  # PEFT's classifier path needs it; the causal LM path passes a cache
+        if spec.method.name not in ("lora", "qlora", "full"):
+            other = get_peft_model(_auto_class(spec.model.task).from_config(config), peft_config(spec))
+            method_trainable = sum(p.numel() for p in other.parameters() if p.requires_grad)
+        peft_model = get_peft_model(model, lora_config(spec.lora, spec.model.task))
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        adapted = sum(m.in_features for n, m in peft_model.named_modules()
+                      if n.endswith("lora_A.default") and isinstance(m, torch.nn.Linear))
+    hidden = _get(config, "hidden_size", "n_embd", "d_model")
+    heads = _get(config, "num_attention_heads", "n_head")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return ModelShape(
+        total_params=total, block_linear_params=sum(m.weight.numel() for m in in_blocks),
+        lora_trainable=trainable, lora_inputs_per_layer=adapted // max(1, layers), method_trainable=method_trainable,
+        layers=layers, hidden=hidden,
+        kv_hidden=hidden // heads * kv_heads, intermediate=_get(config, "intermediate_size", "n_inner") or 4 * hidden,
+        heads=heads, vocab=getattr(config, "vocab_size", 0), gated_mlp=gated, causal_lm=spec.model.task == "causal_lm",
+        attention_dropout=float(getattr(config, "attention_probs_dropout_prob", None)
+                                or getattr(config, "attention_dropout", 0.0) or 0.0))
+
+
+def _check_prefix_support(model) -> None:
+    """Prefix tuning feeds learned keys/values as ``past_key_values``; PEFT needs the model (or its backbone)
+    to take them, and fails only at the first forward pass otherwise."""
+    import inspect
+
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), model)
+    if not any("past_key_values" in inspect.signature(m.forward).parameters for m in (model, backbone)):
+        raise SpecError(f"method.name: prefix tuning needs a model that takes past_key_values; "
+                        f"{type(model).__name__} does not in this transformers version; use prompt, ia3 or lora")
+
+
+def _get(config, *names: str) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    raise SpecError(f"model.path: the config has none of {', '.join(names)}; cannot estimate its memory")
