@@ -1,4 +1,5 @@
-# make demo: install, then train the embedded default job.  make test: install, then run every test tier.
+# make demo: install, then train the embedded default job.  make test: install, then run every test tier
+# (and the stock-Ray pass).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
@@ -18,8 +19,14 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/orchestrator train jobs/quickstart.yaml
 
+# The stock-Ray pass: the core integration test (2 workers, ZeRO-2, resume) and a search, without the Ray
+# internals of orchestrator/runtime/shortcuts.py (what any other Ray version gets).
+STOCK_TESTS := tests/test_integration.py tests/test_tune.py tests/test_startup.py -k "zero2-embedded-store or \
+	stopped_driver or asha_stops or free_their_workers or placement_group_watch or starts_no_process"
+
 test: install
 	$(PY) -m pytest
+	ORCHESTRATOR_STOCK_RAY=1 $(PY) -m pytest $(STOCK_TESTS)
 
 lint: install
 	$(VENV)/bin/ruff check orchestrator tests

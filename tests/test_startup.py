@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from orchestrator.runtime import shortcuts
 from orchestrator.spec import spec_from_dict
 from orchestrator.train import warmup
 from tests.tiny import tiny_job
@@ -40,11 +41,12 @@ def test_building_a_trainer_and_its_torch_backend_does_not_import_torch(tmp_path
     spec = spec_from_dict(tiny_job(tmp_path, tiny_model, tiny_data))
     code = textwrap.dedent(f"""
         import sys
-        from orchestrator.runtime.launcher import TorchProcessGroup, make_trainer
+        from orchestrator.runtime.launcher import make_trainer
+        from orchestrator.runtime.shortcuts import TorchProcessGroup
         from orchestrator.spec import JobSpec
         spec = JobSpec.model_validate_json({spec.model_dump_json()!r})
         trainer = make_trainer(spec, {{"spec": spec.model_dump(), "progress": None, "tracking_uri": None,
-                                       "run_id": None}}, "probe", False)
+                                       "run_id": None}}, "probe", False, fast=True)
         config = trainer.backend_config
         assert isinstance(config, TorchProcessGroup) and config.backend == "gloo", config
         config.backend_cls(), config.framework, config.train_func_context
@@ -62,12 +64,14 @@ def test_ray_starts_each_train_worker_already_importing_the_training_stack(ray_c
     process hosts anything: by the time the training function runs, its imports are done or under way."""
     import ray
 
-    from orchestrator.runtime.launcher import worker_runtime_env
+    from orchestrator.runtime.launcher import make_trainer
 
     spec = spec_from_dict(tiny_job(tmp_path, tiny_model, tiny_data))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    trainer = make_trainer(spec, {"spec": spec.model_dump(), "progress": None, "tracking_uri": uri, "run_id": None},
+                           "probe", False, fast=True)
 
-    @ray.remote(num_cpus=0, runtime_env=worker_runtime_env(spec, uri, verbose=False))
+    @ray.remote(num_cpus=0, runtime_env=trainer.run_config.worker_runtime_env)
     class Worker:
         def warmed(self):
             from orchestrator.train import warmup as here
@@ -101,7 +105,10 @@ def test_a_training_run_starts_no_process_it_does_not_need_and_leaves_none_behin
     _train_quietly(spec)
     started = {actor.class_name for actor in list_actors(limit=10_000) if actor.actor_id not in before}
     assert {"TrainController", "RayTrainWorker"} <= started
-    assert not started & {"DatasetManager", "PreemptionWatcher"}, started
+    if shortcuts.enabled():
+        assert not started & {"DatasetManager", "PreemptionWatcher"}, started
+    else:  # ORCHESTRATOR_STOCK_RAY=1 (CI runs this test both ways): Ray Train's own per-run processes
+        assert "DatasetManager" in started, started
 
     # Ray Train's Ctrl-C handler holds the run's controller; restored after the run, it lets the controller go
     # (a long-lived driver, a notebook or this test session, kept one controller process per run).
@@ -179,13 +186,14 @@ def test_a_watched_trial_trainer_starts_no_placement_group_cleaner_of_its_own(tm
     """The trainer swaps Ray Train's per-run cleaner for the study's watch, and keeps it for a run not watched."""
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    from orchestrator.runtime.launcher import make_trainer, watched_by
+    from orchestrator.runtime.launcher import make_trainer
+    from orchestrator.runtime.shortcuts import watched_by
 
     spec = spec_from_dict(tiny_job(tmp_path, tiny_model, tiny_data))
     config = {"spec": spec.model_dump(), "progress": None, "tracking_uri": None, "run_id": None}
 
     def cleaners(callbacks):
-        trainer = make_trainer(spec, config, "run", verbose=False, callbacks=callbacks)
+        trainer = make_trainer(spec, config, "run", verbose=False, callbacks=callbacks, fast=True)
         return [type(c).__name__ for c in trainer._create_default_callbacks()
                 if isinstance(c, PlacementGroupCleanerCallback) or getattr(c, "replaces_placement_group_cleaner", 0)]
 
@@ -201,7 +209,8 @@ def test_a_trial_goes_on_when_the_study_watch_is_gone(ray_cluster, caplog):
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from orchestrator.runtime.launcher import start_placement_group_watch, watched_by
+    from orchestrator.runtime.launcher import start_placement_group_watch
+    from orchestrator.runtime.shortcuts import watched_by
 
     watch = start_placement_group_watch()
     ray.kill(watch)
@@ -215,3 +224,37 @@ def test_a_trial_goes_on_when_the_study_watch_is_gone(ray_cluster, caplog):
     finally:
         remove_placement_group(group)
     assert "is not watched" in caplog.text
+
+
+def test_the_shortcuts_are_used_only_on_the_ray_version_they_were_run_on_and_not_when_told_so():
+    assert shortcuts.enabled("2.60.0", {}) and shortcuts.enabled("2.60.3", {})
+    assert not any(shortcuts.enabled(version, {}) for version in ("2.61.0", "2.6.0", "2.59.2", "3.0.0"))
+    assert not shortcuts.enabled("2.60.0", {shortcuts.STOCK_ENV: "1"})
+    assert shortcuts.enabled("2.60.0", {shortcuts.STOCK_ENV: "0"})
+
+
+def test_the_stock_path_is_rays_torch_trainer_with_its_own_config_cleaner_and_no_warm_up(tmp_path, tiny_model,
+                                                                                        tiny_data, monkeypatch):
+    """With ``ORCHESTRATOR_STOCK_RAY=1`` (or another Ray version) no Ray internal is used: Ray's TorchTrainer and
+    TorchConfig, Ray Train's default callbacks all kept, no setup hook in the workers' environment."""
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from orchestrator.runtime.launcher import make_trainer
+
+    monkeypatch.setenv(shortcuts.STOCK_ENV, "1")
+    spec = spec_from_dict(tiny_job(tmp_path, tiny_model, tiny_data))
+    config = {"spec": spec.model_dump(), "progress": None, "tracking_uri": None, "run_id": None}
+    stock = make_trainer(spec, config, "run", verbose=False)
+    assert type(stock) is TorchTrainer
+    assert type(stock.backend_config) is TorchConfig and stock.backend_config.backend == "gloo"
+    kinds = {type(c) for c in stock._create_default_callbacks()}
+    assert {DatasetsCallback, PlacementGroupCleanerCallback} <= kinds
+    assert warmup.ENV not in stock.run_config.worker_runtime_env["env_vars"]
+
+    monkeypatch.delenv(shortcuts.STOCK_ENV)
+    fast = make_trainer(spec, config, "run", verbose=False)  # Ray 2.60, as pinned: the shortcuts
+    assert isinstance(fast.backend_config, shortcuts.TorchProcessGroup)
+    assert DatasetsCallback not in {type(c) for c in fast._create_default_callbacks()}
+    assert warmup.ENV in fast.run_config.worker_runtime_env["env_vars"]

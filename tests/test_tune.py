@@ -82,8 +82,13 @@ def test_stopped_trials_free_their_workers(study):
 
 
 def test_trials_share_the_study_placement_group_watch_instead_of_a_cleaner_process_each(study):
+    from orchestrator.runtime import shortcuts
+
     assert STARTED.count("TrainController") == 4
-    assert STARTED.count("PlacementGroupWatch") == 1 and "PlacementGroupCleaner" not in STARTED, STARTED
+    if shortcuts.enabled():
+        assert STARTED.count("PlacementGroupWatch") == 1 and "PlacementGroupCleaner" not in STARTED, STARTED
+    else:  # ORCHESTRATOR_STOCK_RAY=1 (CI runs this test both ways): Ray Train's own cleaner, one per trial
+        assert STARTED.count("PlacementGroupCleaner") == 4 and "PlacementGroupWatch" not in STARTED, STARTED
 
 
 def test_mlflow_holds_a_parent_run_and_one_child_per_trial(study):

@@ -7,8 +7,8 @@ MLflow child run (answered beside Ray Train's start-up, not before it), and runs
 set-up (:func:`orchestrator.runtime.launcher.make_trainer`) with the spec's scaling and DeepSpeed settings.
 ``TuneReportCallback`` forwards every report from rank 0 (one
 per evaluation) to Tune, so the scheduler sees each intermediate metric. Stopping a trial kills its actor, its
-Train controller with it, and the study's :class:`orchestrator.runtime.launcher.PlacementGroupWatch` frees the workers'
-resources.
+Train controller with it, and the study's placement-group watch (:mod:`orchestrator.runtime.shortcuts`; Ray
+Train's own per-run cleaner on the stock path) frees the workers' resources.
 """
 
 from __future__ import annotations
@@ -16,24 +16,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
+from orchestrator.plan.search import TrialRecord
+from orchestrator.runtime import shortcuts
 from orchestrator.spec import JobSpec, SpecError
 from orchestrator.spec.space import VARIANT, grid_points
 
 TRIAL_DRIVER_MEMORY = 256 * 2**20  # logical bytes per trial actor: it must reserve something, and not a CPU
-
-
-@dataclass(frozen=True)
-class TrialRecord:
-    """What Tune knows about one trial after the search (including trials finished before a resume)."""
-
-    trial_id: str
-    config: dict[str, Any]
-    history: list[dict[str, Any]]
-    error: str | None
-    seconds: float  # the trial driver's time from start to its last report
 
 
 def study_path(spec: JobSpec) -> str:
@@ -107,7 +97,7 @@ def _trial_entry(config: dict[str, Any], study: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.runtime.launcher import TrainingFailed, make_trainer, watched_by, worker_error
+    from orchestrator.runtime.launcher import TrainingFailed, make_trainer, worker_error
     from orchestrator.spec.space import trial_spec
 
     spec = JobSpec.model_validate(study["spec"])
@@ -118,7 +108,8 @@ def _trial_entry(config: dict[str, Any], study: dict[str, Any]) -> None:
     run_id = study["runs"].start.remote(trial_id, trial, config)
     trainer = make_trainer(trial, {"spec": trial.model_dump(), "progress": None, "tracking_uri": study["tracking_uri"],
                                    "run_id": run_id}, trial_id, study["verbose"],
-                           callbacks=[TuneReportCallback(), watched_by(study["placement_groups"])])
+                           callbacks=[TuneReportCallback(), study["placement_groups"] and
+                                      shortcuts.watched_by(study["placement_groups"])], fast=study["fast"])
     try:
         trainer.fit()
     except Exception as error:
@@ -135,9 +126,9 @@ class TrialRuns:
 
     def ready(self) -> None:
         """Imports MLflow and opens the store (reading the parent run), before the first trial starts."""
-        from mlflow import MlflowClient
+        from orchestrator.tracking import runs
 
-        MlflowClient(self.tracking_uri).get_run(self.parent_run_id)
+        runs.open_store(self.tracking_uri, self.parent_run_id)
 
     def start(self, trial_id: str, trial: JobSpec, config: dict[str, Any]) -> str:
         from orchestrator.tracking import runs as tracking
@@ -156,6 +147,9 @@ def _events_class():
 
         def __getstate__(self):
             return {"handler": None}
+
+        def __setstate__(self, state):  # unpickled by Tuner.restore in the driver: the resuming driver's handler
+            self.handler = _resume_handler[0] if _resume_handler else None
 
         def _send(self, kind, trial, data):
             if self.handler is not None:
@@ -176,6 +170,9 @@ def _events_class():
     return Events
 
 
+_resume_handler: list = []  # the handler a restored study's Events take (set by run_search before the restore)
+
+
 def _Events(handler):  # noqa: N802 - builds the Tune callback class lazily so importing us does not import Ray
     return _events_class()(handler)
 
@@ -193,18 +190,23 @@ def run_search(spec: JobSpec, *, tracking_uri: str, parent_run_id: str, concurre
     from orchestrator.runtime.launcher import start_beside_driver, start_placement_group_watch, worker_error
 
     assert spec.tune is not None
-    study = {"spec": spec.model_dump(), "tracking_uri": tracking_uri, "verbose": verbose,
+    fast = shortcuts.enabled()  # decided here, once: trial actors need not share the driver's environment
+    study = {"spec": spec.model_dump(), "tracking_uri": tracking_uri, "verbose": verbose, "fast": fast,
              # MLflow imported and the store opened once, before the first trial (an embedded store is a path on
              # the driver's node, hence soft=False)
              "runs": start_beside_driver(TrialRuns, tracking_uri, parent_run_id, soft=False),
-             "placement_groups": start_placement_group_watch()}
+             # one watch for the study's placement groups; the stock path keeps Ray Train's cleaner per trial
+             "placement_groups": start_placement_group_watch() if fast else None}
     trainable = tune.with_resources(tune.with_parameters(_trial_entry, study=study),
                                     {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
     run_config = tune.RunConfig(name=spec.name, storage_path=os.path.dirname(study_path(spec)), verbose=0,
                                 callbacks=[_Events(on_event)], failure_config=tune.FailureConfig(max_failures=0))
     if resume:
-        tuner = tune.Tuner.restore(study_path(spec), trainable, resume_unfinished=True, resume_errored=True)
-        tuner._local_tuner.get_run_config().callbacks = [_Events(on_event)]  # saved without their handler
+        _resume_handler[:] = [on_event]  # the saved callbacks were pickled without their handler
+        try:
+            tuner = tune.Tuner.restore(study_path(spec), trainable, resume_unfinished=True, resume_errored=True)
+        finally:
+            _resume_handler.clear()
     else:
         tuner = tune.Tuner(
             trainable,
@@ -225,4 +227,3 @@ def run_search(spec: JobSpec, *, tracking_uri: str, parent_run_id: str, concurre
         seconds = float((result.metrics or {}).get("time_total_s", 0.0))
         records.append(TrialRecord(str(trial_id), dict(result.config or {}), history, error, seconds))
     return records
-

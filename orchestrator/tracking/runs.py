@@ -21,18 +21,6 @@ RUN_STATE_FILE = "mlflow_run.json"
 ADAPTER_ARTIFACT = "adapter"  # where rank 0 logs the adapter folder in the run's artifacts
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 def tracking_uri(spec: JobSpec) -> str:
     """The spec's URI, else $MLFLOW_TRACKING_URI, else an embedded SQLite store under the output folder."""
     return spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{spec.output_dir}/mlflow.db"
@@ -40,8 +28,6 @@ def tracking_uri(spec: JobSpec) -> str:
 
 def _is_embedded(uri: str) -> bool:
     return uri.startswith("sqlite:") or "://" not in uri
-
-
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -149,6 +135,14 @@ def run_url(uri: str, run_id: str) -> str:
 # ---------------------------------------------------------------------------------------------- studies
 
 TRIAL_TAG, PARENT_TAG = "orchestrator.trial_id", "mlflow.parentRunId"
+
+
+def open_store(uri: str, parent_run_id: str) -> None:
+    """Imports MLflow and opens the store at ``uri`` by reading the study's parent run (a process that will create
+    child runs does this once, up front)."""
+    from mlflow import MlflowClient
+
+    MlflowClient(uri).get_run(parent_run_id)
 
 
 def start_trial_run(uri: str, parent_run_id: str, trial_id: str, spec: JobSpec, config: dict[str, Any]) -> str:
