@@ -115,3 +115,28 @@ def test_placement(job, workers, strategy, nodes, fits):
 def test_gpu_workers_need_gpus(job):
     spec = spec_from_dict(job(scaling={"use_gpu": True, "num_workers": 1}))
     assert "GPU 1 per worker (cluster total 0)" in placement_problem(spec, [{"CPU": 8}])
+
+
+def test_placement_attempts_add_up_to_the_resource_wait_and_none_retries_forever():
+    from orchestrator.plan.placement import placement_budget
+
+    assert placement_budget(None) == (60.0, -1)  # Ray's default: retry placing forever
+    assert placement_budget(30) == (30, 0)  # one attempt of 30 s, no retry
+    attempt, retries = placement_budget(150)
+    assert attempt == 60.0 and retries == 2  # 60 + 60 + 60 >= 150: three attempts in all
+    for wait in (1, 59, 60, 61, 119, 600, 3601):
+        attempt, retries = placement_budget(wait)
+        assert attempt * (retries + 1) >= wait > attempt * retries
+
+
+def test_a_cpu_workers_memory_share_is_the_tightest_node_split_among_the_workers_it_holds():
+    from orchestrator.plan.placement import memory_share
+
+    gib = 2**30
+    per_worker = {"CPU": 1}
+    # 4 workers: the 2-CPU node holds 2 of them (8 GiB each), the 8-CPU node all 4 (16 GiB / 4 = 4 GiB each)
+    nodes = [{"CPU": 2, "memory": 16 * gib}, {"CPU": 8, "memory": 16 * gib}]
+    assert memory_share(nodes, per_worker, 4) == 4 * gib
+    assert memory_share(nodes, per_worker, 1) == 16 * gib  # one worker has a node's memory to itself
+    assert memory_share([{"CPU": 0.5, "memory": gib}], per_worker, 2) is None  # no node holds a worker
+    assert memory_share([{"CPU": 4}], per_worker, 2) is None  # the node does not say its memory

@@ -186,3 +186,46 @@ def test_a_resumed_trial_finds_its_child_run_again_and_delivers_what_its_worker_
     assert again == first and tracking.trial_runs(uri, parent) == {"abc_00001": first}
     assert [(m.step, m.value) for m in client.get_metric_history(first, "eval_loss")] == [(7, 0.5)]
     assert not pending.exists() and client.get_run(first).data.params["trial.lora.r"] == "2"
+
+
+def test_the_study_plan_runs_what_fits_at_once_within_the_cap_with_an_evaluation_budget(job):
+    from orchestrator.plan.batches import plan_batches
+    from orchestrator.plan.search import plan_study
+
+    spec = spec_from_dict(study(job, num_samples=3))  # 2 grid points x 3 samples = 6 trials
+    batches = plan_batches(spec, 192)
+    nodes = [{"CPU": 4, "memory": 2**34}, {"CPU": 2, "memory": 2**34}]
+    plan = plan_study(spec, nodes, batches)
+    per_trial = spec.scaling.num_workers * spec.scaling.cpus_per_worker
+    assert plan.trials == 6 and plan.fitting == int(6 // per_trial) and plan.concurrency == min(6, plan.fitting)
+    assert plan.max_intervals == -(-batches.total_steps // batches.eval_every_steps)  # one per evaluation
+    capped = plan_study(spec_from_dict(study(job, num_samples=3, max_concurrent_trials=1)), nodes, batches)
+    assert capped.concurrency == 1 and capped.fitting == plan.fitting
+    budget = plan_study(spec_from_dict(study(job, scheduler={"name": "asha", "max_intervals": 3})), nodes, batches)
+    assert budget.max_intervals == 3 and budget.trials == 2
+    assert "2 trials" in budget.sentence(spec) and "budget 3 evaluations" in budget.sentence(spec)
+
+
+def test_a_trials_outcome_comes_from_its_evaluations_against_its_own_step_budget(job):
+    from orchestrator.plan.batches import plan_batches
+    from orchestrator.plan.search import TrialRecord, best_finished, trial_outcome
+
+    spec = spec_from_dict(study(job, metric="eval_loss"))
+    total = plan_batches(spec, 192).total_steps
+    progress = {"step": 1, "train_loss": 2.0}  # a report without the metric is not an evaluation
+    evals = [{"step": s, "eval_loss": 1.0 / s, "train_seconds": 2.0 * s, "evaluation_seconds": 0.5 * s}
+             for s in range(2, total + 1, 2)]
+    done = TrialRecord("a", {"lora.r": 2}, [progress, *evals], None, 30.0)
+    cut = TrialRecord("b", {"lora.r": 4}, [progress, *evals[:1]], None, 9.0)
+    broken = TrialRecord("c", {"lora.r": 4}, [progress], "boom", 3.0)
+    outcomes = [trial_outcome(spec, r, 192, f"run-{r.trial_id}") for r in (done, cut, broken)]
+    assert [o.status for o in outcomes] == [FINISHED, STOPPED_EARLY, FAILED]
+    assert outcomes[0].history == evals and outcomes[0].steps == evals[-1]["step"]
+    assert outcomes[0].train_seconds == evals[-1]["train_seconds"] and outcomes[0].wall_seconds == 30.0
+    assert trial_outcome(spec, done, 192, None, wall_seconds=12.5).wall_seconds == 12.5  # the driver's clock wins
+    assert outcomes[2].error == "boom" and outcomes[1].run_id == "run-b"
+    # the trial's own job decides its budget: twice the epochs, the same steps are no longer all of it
+    longer = TrialRecord("d", {"train.epochs": spec.train.epochs * 2}, [progress, *evals], None, 30.0)
+    assert trial_outcome(spec, longer, 192, None).status == STOPPED_EARLY
+    assert best_finished(outcomes, "eval_loss", "min") is outcomes[0]  # only a finished trial's adapter is kept
+    assert best_finished(outcomes[1:], "eval_loss", "min") is None

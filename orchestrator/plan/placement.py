@@ -3,6 +3,8 @@ once, how long placing may wait, and each worker's share of a node's memory. Pur
 
 from __future__ import annotations
 
+import math
+
 from orchestrator.spec import JobSpec
 
 
@@ -65,3 +67,23 @@ def concurrency(requested: str | int, fitting: int, num_trials: int) -> int:
     trials there are. Running more than fit would leave trials waiting on each other's resources."""
     limit = fitting if requested == "auto" else min(int(requested), fitting)
     return max(1, min(limit, num_trials))
+
+
+def placement_budget(resource_wait_s: float | None) -> tuple[float, int]:
+    """(seconds one attempt at placing the worker group may wait, Ray Train's controller_failure_limit): the
+    attempts add up to ``scaling.resource_wait_s``; None keeps Ray's default of retrying forever (-1)."""
+    if resource_wait_s is None:
+        return 60.0, -1
+    attempt = min(resource_wait_s, 60.0)
+    return attempt, math.ceil(resource_wait_s / attempt) - 1
+
+
+def memory_share(nodes: list[dict[str, float]], per_worker: dict[str, float], num_workers: int) -> float | None:
+    """The least of a node's Ray ``memory`` one CPU worker can count on: on each node that holds any of the
+    job's workers, the node's memory split among as many of them as it holds; None if no node says."""
+    shares = []
+    for node in nodes:
+        fit = min(int(node.get(k, 0) // v) for k, v in per_worker.items() if v > 0)
+        if fit and node.get("memory"):
+            shares.append(node["memory"] / min(fit, num_workers))
+    return min(shares) if shares else None

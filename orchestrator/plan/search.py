@@ -1,35 +1,55 @@
-"""Pure decisions for a hyperparameter search: which fields may be searched, what each trial's job is, how
-many trials run at once, each trial's outcome, and which rank to recommend. No Ray, no MLflow, no torch.
+"""Pure decisions for a hyperparameter search: the study's plan (trials, how many at once, the evaluation
+budget), each trial's outcome from what Tune recorded, the best trial, and which rank to recommend. No Ray, no
+MLflow, no torch. (Which fields may be searched and what each trial's job is: :mod:`orchestrator.spec.space`.)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from orchestrator.plan.batches import BatchPlan, plan_batches
+from orchestrator.plan.placement import concurrency, trials_that_fit, worker_resources
+from orchestrator.spec import JobSpec
+from orchestrator.spec.space import num_trials, trial_spec
 
 STOPPED_EARLY, FINISHED, FAILED = "stopped early", "finished", "failed"
 
 
+@dataclass(frozen=True)
+class StudyPlan:
+    """How a study runs on a given cluster."""
+
+    trials: int  # planned: the grid times num_samples, or optuna's num_samples
+    fitting: int  # trials whose worker groups the cluster holds at once
+    concurrency: int  # trials run at once
+    max_intervals: int  # evaluations a trial may report: the schedulers' budget
+
+    def sentence(self, spec: JobSpec) -> str:
+        assert spec.tune is not None
+        return (f"study {spec.name}: {self.trials} trials, {self.concurrency} at a time ({self.fitting} fit the "
+                f"cluster), scheduler {spec.tune.scheduler.name}, budget {self.max_intervals} evaluations per trial")
 
 
+def plan_study(spec: JobSpec, nodes: list[dict[str, float]], batches: BatchPlan) -> StudyPlan:
+    """The study's plan on a cluster of ``nodes`` (each node's total resources), for the job's batch plan."""
+    assert spec.tune is not None
+    fitting = trials_that_fit(nodes, worker_resources(spec), spec.scaling.num_workers, spec.scaling.placement_strategy)
+    planned = spec.tune.num_samples if spec.tune.search == "optuna" else num_trials(spec)
+    max_intervals = spec.tune.scheduler.max_intervals or math.ceil(batches.total_steps / batches.eval_every_steps)
+    return StudyPlan(planned, fitting, concurrency(spec.tune.max_concurrent_trials, fitting, planned), max_intervals)
 
 
+@dataclass(frozen=True)
+class TrialRecord:
+    """What Tune knows about one trial after the search (including trials finished before a resume)."""
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+    trial_id: str
+    config: dict[str, Any]
+    history: list[dict[str, Any]]  # every report, in order
+    error: str | None
+    seconds: float  # the trial driver's time from start to its last report
 
 
 @dataclass
@@ -61,6 +81,30 @@ class TrialOutcome:
     @property
     def steps(self) -> int:
         return int(max((row.get("step", 0) for row in self.history), default=0))
+
+
+def trial_outcome(spec: JobSpec, record: TrialRecord, num_train_examples: int, run_id: str | None,
+                  wall_seconds: float | None = None) -> TrialOutcome:
+    """One trial's outcome: its evaluations (the reports that carry the study's metric), its status against its
+    own step budget, and its times. ``wall_seconds``: the driver's clock when it saw the trial start and end,
+    else (a trial that ended before a resume) Tune's."""
+    assert spec.tune is not None
+    history = [row for row in record.history if spec.tune.metric in row]
+    total = plan_batches(trial_spec(spec, record.config, spec.output_dir, record.trial_id),
+                         num_train_examples).total_steps
+    steps = int(max((row.get("step", 0) for row in history), default=0))
+    last = history[-1] if history else {}
+    return TrialOutcome(record.trial_id, record.config, classify(steps, total, record.error is not None), history,
+                        record.error, record.seconds if wall_seconds is None else wall_seconds,
+                        float(last.get("train_seconds", 0.0)), float(last.get("evaluation_seconds", 0.0)), run_id)
+
+
+def best_finished(outcomes: list[TrialOutcome], metric: str, mode: str) -> TrialOutcome | None:
+    """The finished trial whose final evaluation is best: that is the adapter it saved."""
+    scored = [o for o in outcomes if o.status == FINISHED and o.history and metric in o.history[-1]]
+    if not scored:
+        return None
+    return (max if mode == "max" else min)(scored, key=lambda o: o.history[-1][metric])
 
 
 def classify(reported_steps: int, total_steps: int, errored: bool) -> str:

@@ -7,15 +7,21 @@ status on its child run, and the best trial's adapter registered with the challe
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.plan.placement import concurrency, trials_that_fit
-from orchestrator.plan.search import FAILED, FINISHED, RankAdvice, TrialOutcome, classify, rank_advice
+from orchestrator.plan.search import (
+    FAILED,
+    RankAdvice,
+    TrialOutcome,
+    best_finished,
+    plan_study,
+    rank_advice,
+    trial_outcome,
+)
 from orchestrator.spec import JobSpec, SpecError
-from orchestrator.spec.space import VARIANT, num_trials, trial_spec
+from orchestrator.spec.space import VARIANT
 from orchestrator.workflows.console import StudyConsole
 from orchestrator.workflows.preflight import preflight
 from orchestrator.workflows.training import data_inputs, with_local_adapter
@@ -48,8 +54,7 @@ def tune(spec: JobSpec, resume: bool = False, verbose: bool = False, console: St
         SpecError: bad input or a cluster that cannot hold one trial, before any trial starts.
         StudyFailed: no trial finished.
     """
-    from orchestrator.plan.batches import plan_batches
-    from orchestrator.plan.placement import placement_problem, worker_resources
+    from orchestrator.plan.placement import placement_problem
     from orchestrator.runtime import launcher, tune_launcher
     from orchestrator.tracking import runs as tracking
     from orchestrator.train.modeling import check_target_modules, linear_module_names
@@ -89,19 +94,12 @@ def tune(spec: JobSpec, resume: bool = False, verbose: bool = False, console: St
         raise SpecError(f"one trial does not fit the cluster: {problem}")
     if check_memory and not spec.scaling.device_memory_gb:
         launcher.check_memory(heavy, heavy_shape, nodes)
-    fitting = trials_that_fit(nodes, worker_resources(spec), spec.scaling.num_workers, spec.scaling.placement_strategy)
-    planned = spec.tune.num_samples if spec.tune.search == "optuna" else num_trials(spec)
-    running = concurrency(spec.tune.max_concurrent_trials, fitting, planned)
-    n_train = checked.train_rows
-    max_intervals = spec.tune.scheduler.max_intervals or math.ceil(
-        checked.plan.total_steps / checked.plan.eval_every_steps)
+    study = plan_study(spec, nodes, checked.plan)
 
     uri, parent = tracking.start_run(spec, data_inputs(checked.data))
     metric, mode = spec.tune.metric, spec.tune.direction()
     console = console or StudyConsole(metric, mode)
-    console.console.print(f"study {spec.name}: {planned} trials, {running} at a time "
-                          f"({fitting} fit the cluster), scheduler {spec.tune.scheduler.name}, "
-                          f"budget {max_intervals} evaluations per trial")
+    console.console.print(study.sentence(spec))
     status = "FAILED"
     started, ended = {}, {}  # trial id -> monotonic seconds, for trials run by this driver
 
@@ -114,35 +112,26 @@ def tune(spec: JobSpec, resume: bool = False, verbose: bool = False, console: St
 
     try:
         with console:
-            records = tune_launcher.run_search(spec, tracking_uri=uri, parent_run_id=parent, concurrency=running,
-                                               max_intervals=max_intervals, on_event=on_event, resume=resume,
-                                               verbose=verbose)
+            records = tune_launcher.run_search(spec, tracking_uri=uri, parent_run_id=parent,
+                                               concurrency=study.concurrency, max_intervals=study.max_intervals,
+                                               on_event=on_event, resume=resume, verbose=verbose)
             runs = tracking.trial_runs(uri, parent)
-            outcomes = []
-            for record in records:
-                history = [row for row in record.history if metric in row]
-                trial = trial_spec(spec, record.config, spec.output_dir, record.trial_id)
-                total = plan_batches(trial, n_train).total_steps
-                steps = int(max((row.get("step", 0) for row in history), default=0))
-                wall = ended[record.trial_id] - started[record.trial_id] if record.trial_id in ended and \
-                    record.trial_id in started else record.seconds  # trials ended before a resume: Tune's clock
-                last = history[-1] if history else {}
-                outcome = TrialOutcome(record.trial_id, record.config, classify(steps, total, record.error is not None),
-                                       history, record.error, wall, float(last.get("train_seconds", 0.0)),
-                                       float(last.get("evaluation_seconds", 0.0)), runs.get(record.trial_id))
-                outcomes.append(outcome)
+            outcomes = [trial_outcome(spec, record, checked.train_rows, runs.get(record.trial_id),
+                                      ended[record.trial_id] - started[record.trial_id]
+                                      if record.trial_id in ended and record.trial_id in started else None)
+                        for record in records]
+            for outcome in outcomes:
                 if outcome.run_id:
                     tracking.end_trial_run(uri, outcome.run_id, outcome.status, outcome.error)
             console.mark({o.trial_id: o.status for o in outcomes})
-        finished = [o for o in outcomes if o.status == FINISHED]
-        best = _best_finished(finished, metric, mode)
+        best = best_finished(outcomes, metric, mode)
         if best is None:
             errors = "; ".join(f"{o.trial_id}: {o.error}" for o in outcomes if o.status == FAILED)[:2000]
             raise StudyFailed(f"no trial finished ({len(outcomes)} trials; errors: {errors or 'none'})")
         advice = None if VARIANT in spec.tune.space else \
             rank_advice(outcomes, spec.lora.r, metric, mode, spec.tune.rank_tolerance)
         folder = Path(spec.output_dir, SUMMARY_DIR)
-        files = _write_summary(folder, outcomes, spec, best, advice, running)
+        files = _write_summary(folder, outcomes, spec, best, advice, study.concurrency)
         registered = None
         if spec.tune.register_best:
             from orchestrator.tracking import registry
@@ -165,15 +154,7 @@ def tune(spec: JobSpec, resume: bool = False, verbose: bool = False, console: St
         raise
     finally:
         tracking.end_run(uri, parent, status)
-    return StudyResult(outcomes, best, advice, str(folder), files, uri, parent, registered, running)
-
-
-def _best_finished(finished: list[TrialOutcome], metric: str, mode: str) -> TrialOutcome | None:
-    """The finished trial whose final evaluation is best: that is the adapter it saved."""
-    scored = [o for o in finished if o.history and metric in o.history[-1]]
-    if not scored:
-        return None
-    return (max if mode == "max" else min)(scored, key=lambda o: o.history[-1][metric])
+    return StudyResult(outcomes, best, advice, str(folder), files, uri, parent, registered, study.concurrency)
 
 
 def _write_summary(folder: Path, outcomes, spec: JobSpec, best, advice, running: int) -> dict[str, str]:
