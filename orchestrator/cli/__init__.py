@@ -24,7 +24,8 @@ from orchestrator.cli import composition, planning, registry, schema, serving, s
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_KEPT", "EXIT_UNRECORDED", "build_parser", "main"]
 
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_KEPT, EXIT_UNRECORDED = 1, 2, 3, 4
+from orchestrator.cli.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_KEPT, EXIT_UNRECORDED
+
 # In the order `orchestrator --help` lists their commands.
 COMMAND_MODULES = (training, submit, registry, serving, planning, composition, schema)
 

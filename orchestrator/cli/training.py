@@ -121,7 +121,7 @@ def _tune(args) -> int:
 
 
 def _retrain(args) -> int:
-    from orchestrator.cli import EXIT_KEPT  # here, not at the top: the package imports this module
+    from orchestrator.cli.exit_codes import EXIT_KEPT
     from orchestrator.spec import load_spec
     from orchestrator.workflows.retraining import retrain
 

@@ -135,9 +135,3 @@ def deepspeed_config(spec: JobSpec, plan: BatchPlan, user_config: dict[str, Any]
         "steps_per_print": 10**9,  # progress is ours; keep DeepSpeed's own step logs quiet
         "wall_clock_breakdown": False,
     }
-
-
-
-
-
-

@@ -109,12 +109,6 @@ class Estimate:
         return self.training + self.runtime
 
 
-
-
-
-
-
-
 def estimate(shape: ModelShape, setting: Setting, *, world: int, seq_len: int, precision: str = "fp32",
              dtype: str = "float32", eager_attention: bool = False, lora_dropout: float = 0.05,
              gpu: bool = True) -> Estimate:

@@ -46,8 +46,6 @@ def pick_snapshot(names: list[str], rule: SnapshotSpec) -> str:
     return matching[-1]
 
 
-
-
 def snapshot_job(spec: JobSpec, snapshot: Snapshot, tracking_uri: str) -> JobSpec:
     """The job that trains the challenger: the snapshot's files as data, its own output folder and run name
     (so a rerun on the same snapshot resumes instead of starting over), and the retrain job's tracking store."""

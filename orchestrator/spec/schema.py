@@ -393,20 +393,6 @@ class JobSpec(_Strict):
 # ---------------------------------------------------------------------------------------------- loading
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of a job file."""
     return JobSpec.model_json_schema()

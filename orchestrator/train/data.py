@@ -36,7 +36,7 @@ class TaskData:
     test: Split | None
 
 
-def _read_table(path: str, field: str):
+def read_table(path: str, field: str):
     import pandas as pd
 
     file = Path(path)
@@ -67,7 +67,7 @@ def _read_table(path: str, field: str):
                     "datasets save_to_disk folder")
 
 
-def _file_digest(path: str) -> str:
+def file_digest(path: str) -> str:
     digest = hashlib.sha256()
     for file in sorted(Path(path).rglob("*")) if Path(path).is_dir() else [Path(path)]:
         if file.is_file():
@@ -75,8 +75,8 @@ def _file_digest(path: str) -> str:
     return digest.hexdigest()
 
 
-def _read_columns(path: str, field: str, spec: DataSpec) -> tuple[list[str], list[str]]:
-    frame = _read_table(path, field)
+def read_columns(path: str, field: str, spec: DataSpec) -> tuple[list[str], list[str]]:
+    frame = read_table(path, field)
     if len(frame) == 0:
         raise SpecError(f"{field}: {path} has no rows")
     for column, key in ((spec.text_column, "data.text_column"), (spec.label_column, "data.label_column")):
@@ -101,7 +101,7 @@ def load_task_data(spec: DataSpec) -> TaskData:
     if spec.train is None:
         raise SpecError("data.train: not given; a retrain job takes its data from retrain.data's newest snapshot: "
                         "run it with orchestrator retrain (or orchestrator validate, which resolves the snapshot)")
-    texts, labels = _read_columns(spec.train, "data.train", spec)
+    texts, labels = read_columns(spec.train, "data.train", spec)
     label_names = sorted(set(labels))
     if len(label_names) < 2:
         raise SpecError(f"data.train: {spec.train} has only the label {label_names}; classification needs two or more")
@@ -115,24 +115,24 @@ def load_task_data(spec: DataSpec) -> TaskData:
         return Split(name, source, split_texts, [index[label] for label in split_labels], digest)
 
     if spec.validation_split:
-        cut = _validation_cut(len(texts), spec.validation_split)
+        cut = validation_cut(len(texts), spec.validation_split)
         held = set(cut)
         train = split("train", spec.train, [t for i, t in enumerate(texts) if i not in held],
-                      [y for i, y in enumerate(labels) if i not in held], _file_digest(spec.train))
+                      [y for i, y in enumerate(labels) if i not in held], file_digest(spec.train))
         val_texts, val_labels = [texts[i] for i in cut], [labels[i] for i in cut]
         validation = split("validation", f"{spec.train}#validation_split={spec.validation_split}", val_texts,
                            val_labels, hashlib.sha256(repr((val_texts, val_labels)).encode()).hexdigest())
     else:
-        train = split("train", spec.train, texts, labels, _file_digest(spec.train))
-        validation = split("validation", spec.validation, *_read_columns(spec.validation, "data.validation", spec),
-                           _file_digest(spec.validation))
+        train = split("train", spec.train, texts, labels, file_digest(spec.train))
+        validation = split("validation", spec.validation, *read_columns(spec.validation, "data.validation", spec),
+                           file_digest(spec.validation))
     test = None
     if spec.test:
-        test = split("test", spec.test, *_read_columns(spec.test, "data.test", spec), _file_digest(spec.test))
+        test = split("test", spec.test, *read_columns(spec.test, "data.test", spec), file_digest(spec.test))
     return TaskData(label_names, train, validation, test)
 
 
-def _validation_cut(count: int, fraction: float) -> list[int]:
+def validation_cut(count: int, fraction: float) -> list[int]:
     """Deterministic held-out rows: every k-th row, so the cut does not depend on a random state."""
     size = max(1, round(count * fraction))
     stride = count / size

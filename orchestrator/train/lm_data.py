@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.spec import DataSpec, SpecError
-from orchestrator.train.data import _file_digest, _read_table, _validation_cut
+from orchestrator.train.data import file_digest, read_table, validation_cut
 
 IGNORE = -100  # the label of a token that carries no loss (PyTorch's cross-entropy ignore_index)
 ROLES = ("system", "user", "assistant", "tool")
@@ -72,7 +72,7 @@ def detect_format(columns: list[str], spec: DataSpec) -> str:
 
 
 def _records(path: str, field: str, fmt: str, spec: DataSpec, frame=None) -> list[dict[str, Any]]:
-    frame = _read_table(path, field) if frame is None else frame
+    frame = read_table(path, field) if frame is None else frame
     if len(frame) == 0:
         raise SpecError(f"{field}: {path} has no rows")
     needed = {"chat": [("data.messages_column", spec.messages_column)],
@@ -125,7 +125,7 @@ def _messages(value: Any, where: str) -> list[dict[str, str]]:
 
 def read_records(path: str, field: str, spec: DataSpec) -> tuple[str, list[dict[str, Any]]]:
     """A file's format (``spec.format``, or detected from its columns) and its checked records."""
-    frame = _read_table(path, field)
+    frame = read_table(path, field)
     fmt = detect_format(list(map(str, frame.columns)), spec.model_copy(update={"train": path}))
     return fmt, _records(path, field, fmt, spec, frame)
 
@@ -140,18 +140,18 @@ def load_lm_data(spec: DataSpec) -> LMData:
         raise SpecError("data.train: not given")
     fmt, train = read_records(spec.train, "data.train", spec)
     if spec.validation_split:
-        held = set(_validation_cut(len(train), spec.validation_split))
+        held = set(validation_cut(len(train), spec.validation_split))
         val = [r for i, r in enumerate(train) if i in held]
         train = [r for i, r in enumerate(train) if i not in held]
         validation = LMSplit("validation", f"{spec.train}#validation_split={spec.validation_split}", val,
                              hashlib.sha256(json.dumps(val).encode()).hexdigest())
     else:
         validation = LMSplit("validation", spec.validation, _records(spec.validation, "data.validation", fmt, spec),
-                             _file_digest(spec.validation))
+                             file_digest(spec.validation))
     test = None
     if spec.test:
-        test = LMSplit("test", spec.test, _records(spec.test, "data.test", fmt, spec), _file_digest(spec.test))
-    return LMData(fmt, LMSplit("train", spec.train, train, _file_digest(spec.train)), validation, test)
+        test = LMSplit("test", spec.test, _records(spec.test, "data.test", fmt, spec), file_digest(spec.test))
+    return LMData(fmt, LMSplit("train", spec.train, train, file_digest(spec.train)), validation, test)
 
 
 # ---------------------------------------------------------------------------------------------- rendering

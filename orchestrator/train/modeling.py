@@ -169,7 +169,7 @@ def load_model_config(spec: JobSpec, num_labels: int | None):
         raise SpecError(f"model.path: cannot read the model config in {folder}: {error}") from None
 
 
-def _auto_class(task: str):
+def auto_class(task: str):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
@@ -182,7 +182,7 @@ def linear_module_names(spec: JobSpec, num_labels: int | None) -> tuple[list[str
     config = load_model_config(spec, num_labels)
     with torch.device("meta"):
         try:
-            model = _auto_class(spec.model.task).from_config(config, trust_remote_code=spec.model.trust_remote_code)
+            model = auto_class(spec.model.task).from_config(config, trust_remote_code=spec.model.trust_remote_code)
         except ValueError as error:  # e.g. an encoder-only config asked for as a causal LM
             raise SpecError(f"model.task: {spec.model.task} does not fit {spec.model.path} "
                             f"({type(config).__name__}): {str(error)[:200]}") from None

@@ -12,12 +12,12 @@ def model_shape(spec: JobSpec, num_labels: int | None) -> ModelShape:
     import torch
     from peft import get_peft_model
 
-    from orchestrator.train.modeling import _auto_class, load_model_config, lora_config, peft_config
+    from orchestrator.train.modeling import auto_class, load_model_config, lora_config, peft_config
 
     config = load_model_config(spec, num_labels)
     with torch.device("meta"):
         try:
-            model = _auto_class(spec.model.task).from_config(config, trust_remote_code=spec.model.trust_remote_code)
+            model = auto_class(spec.model.task).from_config(config, trust_remote_code=spec.model.trust_remote_code)
         except ValueError as error:
             raise SpecError(f"model.task: {spec.model.task} does not fit {spec.model.path} "
                             f"({type(config).__name__}): {str(error)[:200]}") from None
@@ -30,7 +30,7 @@ def model_shape(spec: JobSpec, num_labels: int | None) -> ModelShape:
         if spec.method.name == "prefix" and spec.model.task == "sequence_classification":
             _check_prefix_support(model)  # PEFT's classifier path needs it; the causal LM path passes a cache
         if spec.method.name not in ("lora", "qlora", "full"):
-            other = get_peft_model(_auto_class(spec.model.task).from_config(config), peft_config(spec))
+            other = get_peft_model(auto_class(spec.model.task).from_config(config), peft_config(spec))
             method_trainable = sum(p.numel() for p in other.parameters() if p.requires_grad)
         peft_model = get_peft_model(model, lora_config(spec.lora, spec.model.task))
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
