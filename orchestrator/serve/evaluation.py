@@ -92,9 +92,9 @@ def evaluate_file(loaded, data_path: str, out_dir: str | None = None, batch_size
                 progress.advance(done, len(batch["input_ids"]))
             result.update(lm_metrics(sums), examples=len(rows), skipped=dropped)
         else:
-            from orchestrator.train.data import _read_columns
+            from orchestrator.train.data import read_columns
 
-            texts, names = _read_columns(data_path, "--data", data)
+            texts, names = read_columns(data_path, "--data", data)
             index = {name: i for i, name in enumerate(loaded.labels)}
             unknown = len(loaded.labels)  # an extra class for labels the adapter never learned
             labels = [index.get(name, unknown) for name in names]

@@ -305,9 +305,9 @@ def _prompt(loaded: LoadedAdapter, row: dict, trained: dict, index: int) -> str:
 
 def read_rows(path: str) -> list[dict]:
     """The rows of a JSONL / CSV / Parquet file (or datasets folder) as plain dicts."""
-    from orchestrator.train.data import _read_table
+    from orchestrator.train.data import read_table
 
-    frame = _read_table(path, "--data")
+    frame = read_table(path, "--data")
     if len(frame) == 0:
         raise SpecError(f"--data: {path} has no rows")
     return json.loads(frame.to_json(orient="records", force_ascii=False))
