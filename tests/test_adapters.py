@@ -160,6 +160,67 @@ def test_predict_refuses_data_without_the_text_column_and_writes_nothing(classif
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
 
 
+class _RecordingTokenizer:
+    """The adapter's tokenizer, recording the truncation length each call is given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.max_lengths = tokenizer, []
+
+    def __call__(self, *args, **kwargs):
+        self.max_lengths.append(kwargs.get("max_length"))
+        return self.tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_field_renamed_since_training_takes_the_specs_default_with_a_warning(classifier, tiny_data, tmp_path):
+    """A saved job from another version (data.max_length renamed) loads; serving truncates at training's default
+    (the spec's data.max_length), not at a value of its own."""
+    import dataclasses
+    import shutil
+    import warnings
+
+    import yaml
+
+    from orchestrator.serve.evaluation import evaluate_file
+    from orchestrator.serve.inference import predict_rows
+    from orchestrator.spec import DataSpec
+
+    adapter = Path(shutil.copytree(classifier, tmp_path / "adapter"))
+    job = yaml.safe_load((adapter / "orchestrator_job.yaml").read_text())
+    assert job["data"].pop("max_length") == 16
+    job["data"]["max_len"] = 64
+    (adapter / "orchestrator_job.yaml").write_text(yaml.safe_dump(job, sort_keys=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_adapter(str(adapter))
+    recording = _RecordingTokenizer(loaded.tokenizer)
+    loaded = dataclasses.replace(loaded, tokenizer=recording)
+    predict_rows(loaded, [{"text": text} for text in TEXTS], batch_size=2)
+    evaluate_file(loaded, str(tiny_data / "test.jsonl"))
+    default = DataSpec.model_fields["max_length"].default
+    assert default == 128
+    assert recording.max_lengths and set(recording.max_lengths) == {default}
+    assert [str(w.message) for w in caught if "data.max_len" in str(w.message)] == [
+        f"{adapter / 'orchestrator_job.yaml'}: ignoring saved keys this version does not know: data.max_len (saved "
+        "by another version; the spec's defaults apply to whatever is missing)"]
+
+
+def test_an_adapter_without_a_saved_job_loads_on_pefts_recorded_base_and_predicts(causal, tmp_path):
+    """A plain PEFT folder from elsewhere: base from adapter_config.json, prompts as given (no chat template)."""
+    import shutil
+
+    from orchestrator.serve.inference import predict_rows
+
+    adapter = Path(shutil.copytree(causal, tmp_path / "plain", ignore=shutil.ignore_patterns("orchestrator_job.yaml")))
+    loaded = load_adapter(str(adapter))
+    assert loaded.base.path == json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert load_adapter(str(causal)).chat and not loaded.chat  # trained on chats, but nothing here says so
+    rows = predict_rows(loaded, [{"prompt": "question : my invoice late"}], max_new_tokens=2)
+    assert isinstance(rows[0]["completion"], str)
+
+
 def test_export_writes_what_serving_engines_load(causal, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -25,7 +25,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.serve.inference import add_adapters, check_new_folder, load_adapter, new_folder
+from orchestrator.serve.inference import JOB_FILE, add_adapters, check_new_folder, load_adapter, new_folder
 from orchestrator.spec import SpecError
 
 METHODS = {"linear": "linear", "cat": "cat", "svd": "svd", "ties": "ties", "ties_svd": "ties_svd",
@@ -119,8 +119,8 @@ def compose(references: list[str], weights: list[float], method: str, out: str, 
             saved.rmdir()
         loaded.tokenizer.save_pretrained(partial)
         first = Path(loaded.folder)
-        if (first / "orchestrator_job.yaml").is_file():  # base model and prompt format, for eval/predict/generate
-            shutil.copy2(first / "orchestrator_job.yaml", partial / "orchestrator_job.yaml")
+        if (first / JOB_FILE).is_file():  # base model and prompt format, for eval/predict/generate
+            shutil.copy2(first / JOB_FILE, partial / JOB_FILE)
         (partial / COMPOSITION_FILE).write_text(json.dumps(
             {"adapters": references, "weights": weights, "method": method, "combination_type": combination,
              "density": density, "svd_rank": svd_rank, "seed": seed, "rank": rank, "base": loaded.base.path},

@@ -9,6 +9,11 @@ from orchestrator.train.data import Split
 from orchestrator.train.metrics import classification_metrics
 from orchestrator.train.modeling import LABELS_FILE, adapter_labels, resolve_model_path
 
+# what the data file of `orchestrator eval` is read with, from the adapter's saved job (its paths, packing and
+# validation split are training's own business)
+TRAINED_DATA_KEYS = {"text_column", "label_column", "format", "prompt_column", "completion_column", "messages_column",
+                     "train_on", "max_length"}
+
 
 def evaluate_adapter(folder: str, base_model: str, split: Split, label_names: list[str],
                      max_length: int, batch_size: int = 64) -> dict[str, float]:
@@ -68,11 +73,8 @@ def evaluate_file(loaded, data_path: str, out_dir: str | None = None, batch_size
     from orchestrator.spec import DataSpec
     from orchestrator.train.metrics import confusion_matrix, per_class_report
 
-    trained = loaded.trained_data
-    keys = ("text_column", "label_column", "format", "prompt_column", "completion_column", "messages_column",
-            "train_on", "max_length")
-    data = DataSpec(train=data_path, **{k: trained[k] for k in keys if k in trained},
-                    **({"max_length": max_length} if max_length else {}))
+    trained = loaded.trained_data.model_dump(include=TRAINED_DATA_KEYS)  # how training read its rows
+    data = DataSpec(**{**trained, "train": data_path, **({"max_length": max_length} if max_length else {})})
     device = next(loaded.model.parameters()).device
     result: dict = {"adapter": loaded.folder, "data": data_path}
     with Progress(transient=True) as progress, torch.inference_mode():

@@ -1,8 +1,9 @@
 """Using a trained adapter in this process: find its base model, load both, generate.
 
 An adapter this project saved carries ``orchestrator_job.yaml`` (the job that trained it, with the data format
-resolved), so the base model and the prompt format are known; ``--base`` overrides the base for adapters from
-elsewhere (PEFT's ``base_model_name_or_path`` is the fallback).
+resolved), read back as a typed :class:`JobSpec` (leniently: keys this version does not know are dropped with
+a warning), so the base model, the prompt format, the columns and the truncation length are training's;
+``--base`` overrides the base for adapters from elsewhere (PEFT's ``base_model_name_or_path`` is the fallback).
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.spec import ModelSpec, SpecError
+from orchestrator.spec import DataSpec, JobSpec, ModelSpec, SpecError
+from orchestrator.spec.loading import saved_spec
+
+JOB_FILE = "orchestrator_job.yaml"  # the job that trained an adapter, written beside it by train.loop.save_adapter
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,8 @@ class LoadedAdapter:
     base: ModelSpec
     chat: bool = False  # a causal LM trained on chat data: prompts are wrapped in the chat template
     labels: list[str] | None = None  # a classifier's label names, in its head's order
-    trained_data: dict = field(default_factory=dict)  # the data section of the job that trained it, if saved
+    # the data section of the job that trained it; the spec's defaults for an adapter from elsewhere (no saved job)
+    trained_data: DataSpec = field(default_factory=DataSpec)
 
 
 def adapter_folder(reference: str, tracking_uri: str | None) -> str:
@@ -47,21 +52,29 @@ def adapter_folder(reference: str, tracking_uri: str | None) -> str:
     return reference
 
 
-def saved_job(folder: str) -> dict:
-    """The job an adapter of this project was trained with (``orchestrator_job.yaml``), or {} for others."""
-    saved = Path(folder, "orchestrator_job.yaml")
-    return yaml.safe_load(saved.read_text()) if saved.is_file() else {}
+def saved_job(folder: str) -> JobSpec | None:
+    """The job an adapter of this project was trained with (``orchestrator_job.yaml``), or None for others.
+
+    Raises:
+        SpecError: naming the file, when it is not YAML, of another spec version, or does not validate.
+    """
+    saved = Path(folder, JOB_FILE)
+    if not saved.is_file():
+        return None
+    try:
+        raw = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as error:
+        raise SpecError(f"{saved}: the job saved with the adapter is not readable YAML: {error}") from None
+    return saved_spec(raw, str(saved))
 
 
-def base_model_spec(folder: str, base: str | None, task: str, job: dict | None = None) -> ModelSpec:
-    """The base the adapter was trained on, as a :class:`ModelSpec`."""
-    job = saved_job(folder) if job is None else job
+def base_model_spec(folder: str, base: str | None, task: str, job: JobSpec | None) -> ModelSpec:
+    """The base the adapter was trained on (``job``: its saved job, if any), as a :class:`ModelSpec`."""
     if base:
         return ModelSpec(path=base, task=task)
-    if job.get("model"):
-        model = job["model"]
-        return ModelSpec(path=model["path"], gguf_file=model.get("gguf_file"), task=task,
-                         trust_remote_code=model.get("trust_remote_code", False))
+    if job is not None:
+        return ModelSpec(path=job.model.path, gguf_file=job.model.gguf_file, task=task,
+                         trust_remote_code=job.model.trust_remote_code)
     recorded = json.loads(Path(folder, "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not recorded:
         raise SpecError(f"--base: {folder} does not say which base model it adapts; pass --base MODEL_FOLDER")
@@ -111,8 +124,8 @@ def load_adapter(reference: str, base: str | None = None, tracking_uri: str | No
     if torch.cuda.is_available():
         model = model.to("cuda")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    data = job.get("data") or {}
-    chat = found == "causal_lm" and data.get("format") == "chat" and bool(getattr(tokenizer, "chat_template", None))
+    data = job.data if job is not None else DataSpec()
+    chat = found == "causal_lm" and data.format == "chat" and bool(getattr(tokenizer, "chat_template", None))
     return LoadedAdapter(folder, model, tokenizer, found, spec, chat, labels, data)
 
 
@@ -208,7 +221,7 @@ def add_adapters(loaded: LoadedAdapter, named: dict[str, str], tracking_uri: str
         folder = adapter_folder(reference, tracking_uri)
         config = json.loads(Path(folder, "adapter_config.json").read_text())
         task = TASK_TYPES.get(config.get("task_type") or "")
-        base = base_model_spec(folder, None, task or loaded.task)
+        base = base_model_spec(folder, None, task or loaded.task, saved_job(folder))
         if task != loaded.task or base.path != loaded.base.path or base.gguf_file != loaded.base.gguf_file:
             raise SpecError(f"--adapter {name}={reference}: a {task} adapter for {base.path}; the first adapter is a "
                             f"{loaded.task} adapter for {loaded.base.path}: adapters switched per request must "
@@ -253,11 +266,10 @@ def _predict_with(loaded: LoadedAdapter, rows: list[dict], batch_size: int, max_
         tokenizer.pad_token = tokenizer.eos_token
     out: list[dict] = []
     if loaded.task == "sequence_classification":
-        column = trained.get("text_column", "text")
-        texts = [_field(row, column, i) for i, row in enumerate(rows)]
+        texts = [_field(row, trained.text_column, i) for i, row in enumerate(rows)]
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start:start + batch_size], truncation=True, padding=True,
-                              max_length=trained.get("max_length", 512), return_tensors="pt").to(device)
+                              max_length=trained.max_length, return_tensors="pt").to(device)
             with torch.inference_mode():
                 probabilities = loaded.model(**batch).logits.float().softmax(-1)
             for row, p in zip(rows[start:start + batch_size], probabilities):
@@ -287,7 +299,7 @@ def _field(row: dict, column: str, index: int) -> str:
     return value
 
 
-def _prompt(loaded: LoadedAdapter, row: dict, trained: dict, index: int) -> str:
+def _prompt(loaded: LoadedAdapter, row: dict, trained: DataSpec, index: int) -> str:
     from orchestrator.train.lm_data import render_chat
 
     if "messages" in row and loaded.chat:
@@ -296,8 +308,7 @@ def _prompt(loaded: LoadedAdapter, row: dict, trained: dict, index: int) -> str:
         if messages and messages[-1].get("role") == "assistant":
             messages = messages[:-1]  # predict the answer, not after it
         return render_chat(loaded.tokenizer, messages, add_generation_prompt=True)
-    column = next((c for c in (trained.get("prompt_column", "prompt"), "prompt", trained.get("text_column", "text"))
-                   if c in row), "prompt")
+    column = next((c for c in (trained.prompt_column, "prompt", trained.text_column) if c in row), "prompt")
     text = _field(row, column, index)
     return render_chat(loaded.tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True) \
         if loaded.chat else text
@@ -352,7 +363,7 @@ def write_jsonl(rows: list[dict], path: str) -> None:
     os.replace(partial, target)
 
 
-PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "labels.json", "orchestrator_job.yaml",
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "labels.json", JOB_FILE,
               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.txt",
               "README.md")
 

@@ -1,11 +1,12 @@
 """Reading a job: YAML file or mapping, key.path=value overrides, validation with messages that name the field,
-relative paths made absolute."""
+relative paths made absolute; and reading back the job saved with an adapter, leniently."""
 
 from __future__ import annotations
 
 import difflib
 import re
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,56 @@ def spec_from_dict(raw: dict[str, Any], source: str = "spec") -> JobSpec:
         if problems:
             raise SpecError(f"{source}: " + "\n  ".join(problems))
     return spec
+
+
+def saved_spec(raw: Any, source: str) -> JobSpec:
+    """The job saved with an adapter (``orchestrator_job.yaml``) as a :class:`JobSpec`, read leniently.
+
+    Strict with job inputs, lenient with saved artifacts, as PEFT reads old adapter configs: keys this version
+    does not know (at any depth; a field renamed or removed since the adapter was trained) are dropped with one
+    warning naming them, and missing keys take the spec's defaults. The saved job was checked when it ran, so
+    its search space is not re-checked and its paths, already absolute, are not resolved again.
+
+    Raises:
+        SpecError: naming ``source``, for another spec version or values that do not validate.
+    """
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: not a saved job (a mapping of sections); the adapter folder is damaged")
+    if raw.get("version") != SPEC_VERSION:
+        raise SpecError(f"{source}: version: saved with spec version {raw.get('version')!r}; this orchestrator "
+                        f"reads version {SPEC_VERSION}: use the orchestrator that trained the adapter")
+    dropped: list[str] = []
+    known = _known_keys(raw, JobSpec, "", dropped)
+    if dropped:
+        warnings.warn(f"{source}: ignoring saved keys this version does not know: {', '.join(dropped)} "
+                      "(saved by another version; the spec's defaults apply to whatever is missing)", stacklevel=2)
+    try:
+        return JobSpec.model_validate(known)
+    except ValidationError as error:
+        raise SpecError(f"{source}: the saved job does not validate: "
+                        + "\n  ".join(_describe(e) for e in error.errors())) from None
+
+
+def _known_keys(raw: dict[str, Any], model: type[BaseModel], prefix: str, dropped: list[str]) -> dict[str, Any]:
+    """``raw`` without the keys ``model`` (and its sections, at any depth) does not have; their dotted paths
+    are appended to ``dropped``."""
+    kept = {}
+    for key, value in raw.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            dropped.append(f"{prefix}{key}")
+        else:
+            kept[key] = _known_values(value, field.annotation, f"{prefix}{key}.", dropped)
+    return kept
+
+
+def _known_values(value: Any, annotation: Any, prefix: str, dropped: list[str]) -> Any:
+    if typing.get_origin(annotation) is dict and isinstance(value, dict):  # e.g. tune.space: field -> Dimension
+        item = typing.get_args(annotation)[1]
+        return {key: _known_values(v, item, f"{prefix}{key}.", dropped) for key, v in value.items()}
+    section = next((a for a in (annotation, *typing.get_args(annotation))  # a section, optional or not
+                    if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return _known_keys(value, section, prefix, dropped) if section and isinstance(value, dict) else value
 
 
 def _apply_override(raw: dict[str, Any], override: str) -> None:
