@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from orchestrator.plan.batches import deepspeed_config, eval_shard, lr_multiplier, micro_batch_indices, plan_batches
+from orchestrator.plan.logging_window import LogWindow, window_metrics
 from orchestrator.spec import JobSpec
 from orchestrator.tracking.runs import ADAPTER_ARTIFACT
 from orchestrator.tracking.sinks import PENDING_FILE, BufferedSink, MetricSink, MlflowSink, NullSink
@@ -128,6 +129,30 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
                                    exclude_frozen_parameters=True)
             ctx.report(metrics, folder, f"step_{step:07d}")
 
+    def test_and_save(final: dict[str, float]) -> tuple[dict[str, float], str]:
+        """The final metrics with the test split's added, and the adapter saved (every rank joins both)."""
+        if spec.data.test is not None:
+            final = {**final, **{f"test_{k}": v for k, v in evaluate("test").items()}}
+        saved = spec
+        if spec.model.task == "causal_lm":  # the adapter's saved job names the format it was trained on
+            saved = spec.model_copy(update={"data": spec.data.model_copy(update={"format": task.data.format})})
+        return final, save_adapter(engine, saved, tokenizer, task.label_names, ctx.rank)
+
+    # ------------------------------------------------------------------ a rerun of a finished job
+    if start_step >= plan.total_steps:  # nothing left to train: evaluate the restored state anyway, publish again
+        final, adapter = test_and_save({f"eval_{k}": v for k, v in evaluate("validation").items()})
+        # the upload goes before the report (in a search, Tune may end the trial on seeing it); the metrics were
+        # logged by the run that trained it, and a rerun logs nothing twice
+        if ctx.rank == 0:
+            sink.log_artifacts(adapter, ADAPTER_ARTIFACT)
+            sink.close()
+        # no checkpoint: the final one already exists, and registering it twice would let Ray's retention
+        # delete the directory both entries point to
+        ctx.report(final, None, "")
+        if ctx.rank == 0:
+            ctx.progress({"event": "done", "adapter": adapter, **final})
+        return final
+
     # ------------------------------------------------------------------ loop
     if start_step == 0 and spec.model.task == "causal_lm":  # the base model: what training is compared with
         base = {f"eval_{k}": v for k, v in evaluate("validation").items()}
@@ -135,7 +160,7 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
         ctx.progress({"event": "eval", "step": 0, "total": plan.total_steps, **base})
         samples(0)
     engine.train()
-    window = {"loss": 0.0, "tokens": 0, "examples": 0, "steps": 0, "seconds": 0.0}  # since the last log line
+    window = LogWindow()  # since the last log line
     metrics: dict[str, float] = {}
     train_seconds = 0.0  # this session's time in forward/backward/step, the denominator of overhead figures
     timers = {"evaluation_seconds": 0.0, "report_seconds": 0.0}  # evaluation; checkpoint saving + reporting to Ray
@@ -148,27 +173,22 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
             loss = engine(**to_device(batch)).loss
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer and scheduler only at the accumulation boundary
-            window["loss"] += loss.item() / plan.gradient_accumulation_steps
-            window["tokens"] += tokens
-            window["examples"] += len(indices)
-        window["steps"] += 1
-        window["seconds"] += time.perf_counter() - step_start  # training time only: no eval, report or logging
+            window = window.add(loss=loss.item() / plan.gradient_accumulation_steps, tokens=tokens,
+                                examples=len(indices))
+        window = window.add(steps=1, seconds=time.perf_counter() - step_start)  # training time only
         done = step + 1
         if done % spec.train.log_every_steps == 0 or done == plan.total_steps:
-            stats = torch.tensor([window["loss"], window["tokens"], window["examples"], window["seconds"]],
-                                 dtype=torch.float64)
-            dist.all_reduce(stats)  # sums over workers; seconds summed too, so divide by world size
-            seconds = stats[3].item() / ctx.world_size
-            train_seconds += seconds
+            sums = torch.tensor(window.sums(), dtype=torch.float64)
+            dist.all_reduce(sums)  # over workers
+            rates = window_metrics(window.summed(sums.tolist()), ctx.world_size, train_seconds)
+            train_seconds = rates["train_seconds"]
             peak_mb = _peak_memory_mb(spec.scaling.use_gpu)
-            metrics = {"train_loss": stats[0].item() / ctx.world_size / window["steps"],
-                       "peak_memory_mb": peak_mb, "train_memory_mb": peak_mb - before_model_mb,
-                       "learning_rate": engine.get_lr()[0], "tokens_per_s": stats[1].item() / seconds,
-                       "samples_per_s": stats[2].item() / seconds, "train_seconds": train_seconds,
+            metrics = {**rates, "peak_memory_mb": peak_mb, "train_memory_mb": peak_mb - before_model_mb,
+                       "learning_rate": engine.get_lr()[0],
                        "epoch": done * plan.gradient_accumulation_steps / plan.micro_batches_per_epoch}
             sink.log_metrics(metrics, done)
             ctx.progress({"event": "step", "step": done, "total": plan.total_steps, **metrics})
-            window = dict.fromkeys(window, 0)
+            window = LogWindow()
         last = done == plan.total_steps
         is_eval = done % plan.eval_every_steps == 0 or last
         is_checkpoint = done % plan.checkpoint_every_steps == 0 and not last  # the last one follows the save
@@ -189,23 +209,12 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
         timers["report_seconds"] += time.perf_counter() - started
 
     # ------------------------------------------------------------------ save
-    final = dict(metrics)
-    if "eval_loss" not in final:  # nothing left to train (a rerun of a finished job): evaluate anyway
-        final.update({f"eval_{k}": v for k, v in evaluate("validation").items()})
-    if spec.data.test is not None:
-        final.update({f"test_{k}": v for k, v in evaluate("test").items()})
-    if spec.model.task == "causal_lm":  # the adapter's saved job names the format it was trained on
-        spec = spec.model_copy(update={"data": spec.data.model_copy(update={"format": task.data.format})})
-    adapter = save_adapter(engine, spec, tokenizer, task.label_names, ctx.rank)
+    final, adapter = test_and_save(metrics)  # the last evaluation is in metrics, and was logged in the loop
     if ctx.rank == 0:  # before the final report: in a search, Tune may end the trial (workers and all) on seeing it
-        if start_step < plan.total_steps:  # the last evaluation was logged in the loop; a rerun logs nothing twice
-            sink.log_metrics({k: v for k, v in final.items() if k.startswith("test_")}, plan.total_steps)
+        sink.log_metrics({k: v for k, v in final.items() if k.startswith("test_")}, plan.total_steps)
         sink.log_artifacts(adapter, ADAPTER_ARTIFACT)
         sink.close()  # what the server did not take by now waits in output_dir/mlflow_pending.jsonl
-    if start_step < plan.total_steps:
-        checkpoint(plan.total_steps, final)  # the final state, carrying the run's result metrics
-    else:  # a rerun of a finished job: its final checkpoint already exists; registering it twice would let
-        ctx.report(final, None, "")  # Ray's retention delete the directory both entries point to
+    checkpoint(plan.total_steps, final)  # the final state, carrying the run's result metrics
     if ctx.rank == 0:
         ctx.progress({"event": "done", "adapter": adapter, **final})
     return final
