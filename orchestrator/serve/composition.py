@@ -25,8 +25,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.serve.inference import JOB_FILE, add_adapters, check_new_folder, load_adapter, new_folder
+from orchestrator.serve.inference import add_adapters, check_new_folder, load_adapter, new_folder
 from orchestrator.spec import SpecError
+from orchestrator.train.modeling import JOB_FILE
 
 METHODS = {"linear": "linear", "cat": "cat", "svd": "svd", "ties": "ties", "ties_svd": "ties_svd",
            "dare": "dare_linear", "dare_linear": "dare_linear", "dare_ties": "dare_ties",

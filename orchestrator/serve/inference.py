@@ -18,10 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.spec import DataSpec, JobSpec, ModelSpec, SpecError
-from orchestrator.spec.loading import saved_spec
-
-JOB_FILE = "orchestrator_job.yaml"  # the job that trained an adapter, written beside it by train.loop.save_adapter
+from orchestrator.spec import DataSpec, JobSpec, ModelSpec, SpecError, saved_spec
+from orchestrator.train.modeling import JOB_FILE
 
 
 @dataclass(frozen=True)

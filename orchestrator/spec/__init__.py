@@ -3,6 +3,7 @@
 
 from orchestrator.spec.loading import (
     load_spec,
+    saved_spec,
     spec_from_dict,
 )
 from orchestrator.spec.schema import (
@@ -66,5 +67,6 @@ __all__ = [
     "TuneSpec",
     "json_schema",
     "load_spec",
+    "saved_spec",
     "spec_from_dict",
 ]

@@ -21,6 +21,7 @@ from orchestrator.spec import JobSpec
 from orchestrator.tracking.runs import ADAPTER_ARTIFACT
 from orchestrator.tracking.sinks import PENDING_FILE, BufferedSink, MetricSink, MlflowSink, NullSink
 from orchestrator.train.modeling import (
+    JOB_FILE,
     LABELS_FILE,
     build_peft_model,
     load_checkpoints_as_data,
@@ -264,7 +265,7 @@ def save_adapter(engine, spec: JobSpec, tokenizer, label_names: list[str] | None
     tokenizer.save_pretrained(partial)
     if label_names is not None:
         (partial / LABELS_FILE).write_text(json.dumps(label_names, indent=1))
-    (partial / "orchestrator_job.yaml").write_text(yaml.safe_dump(spec.model_dump(), sort_keys=False))
+    (partial / JOB_FILE).write_text(yaml.safe_dump(spec.model_dump(), sort_keys=False))
     _check_adapter(partial, spec.method.name)
     if target.exists():
         shutil.rmtree(target)

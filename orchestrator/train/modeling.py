@@ -12,6 +12,7 @@ from pathlib import Path
 from orchestrator.spec import PACKAGE_PREFIX, JobSpec, LoraSpec, ModelSpec, SpecError
 
 LABELS_FILE = "labels.json"  # saved beside every adapter: the label names, in the head's order
+JOB_FILE = "orchestrator_job.yaml"  # saved beside every adapter: the job that trained it (read back typed by serve)
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
