@@ -69,3 +69,13 @@ def _resolve(schema: dict, node: dict) -> dict:
     if "$ref" in node:
         return _resolve(schema, schema["$defs"][node["$ref"].rsplit("/", 1)[1]])
     return node
+
+
+def test_every_spec_field_in_the_reference_says_what_it_means():
+    """A field added without a ``description=`` or a trailing comment in schema.py would show an empty meaning."""
+    from orchestrator.spec.reference import fields_markdown
+
+    rows = [line for line in fields_markdown().splitlines() if line.startswith("| `")]
+    cells = [[cell.strip() for cell in re.split(r"(?<!\\)\|", row)[1:-1]] for row in rows]  # \| is in a cell
+    empty = [row[0] for row in cells if not row[-1]]
+    assert len(rows) > 100 and not empty, f"fields with no meaning in jobs/README.md: {empty}"

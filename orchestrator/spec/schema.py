@@ -31,7 +31,7 @@ PositiveInt = Annotated[int, Field(gt=0)]
 
 class ModelSpec(_Strict):
     path: str = Field(description="Local model folder, 'pkg:package/folder' inside an installed package, or a hub id.")
-    task: Literal["sequence_classification", "causal_lm"] = "sequence_classification"
+    task: Literal["sequence_classification", "causal_lm"] = "sequence_classification"  # a classifier, or an LM
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype the frozen base weights are loaded in."
     )
@@ -50,16 +50,16 @@ LM_FORMATS = ("prompt_completion", "chat", "text")
 class DataSpec(_Strict):
     train: str | None = Field(None, description="Training data: .jsonl, .csv, .parquet, or a datasets save_to_disk "
                                                 "folder. Required unless retrain.data names snapshots.")
-    validation: str | None = None
-    test: str | None = None
-    text_column: str = "text"
-    label_column: str = "label"
+    validation: str | None = None  # Validation data, same formats as train; else data.validation_split of train
+    test: str | None = None  # Held-out test data, evaluated once after training (test_* metrics)
+    text_column: str = "text"  # classification: the column holding the text
+    label_column: str = "label"  # classification: the column holding the label (names or integers)
     format: Literal["auto", "prompt_completion", "chat", "text"] = Field(
         "auto", description="causal_lm only: prompt/completion pairs, chat messages (rendered with the model's chat "
                             "template) or plain text; auto picks by the columns of data.train.")
-    prompt_column: str = "prompt"
-    completion_column: str = "completion"
-    messages_column: str = "messages"
+    prompt_column: str = "prompt"  # causal_lm prompt_completion: the prompt column
+    completion_column: str = "completion"  # causal_lm prompt_completion: the completion column
+    messages_column: str = "messages"  # causal_lm chat: the column of [{role, content}] messages
     train_on: Literal["completion", "all"] = Field(
         "completion", description="causal_lm: loss on completion (chat: assistant) tokens only, or on every token.")
     packing: bool = Field(False, description="causal_lm: pack short examples into rows of max_length tokens.")
@@ -73,9 +73,9 @@ class DataSpec(_Strict):
 
 
 class LoraSpec(_Strict):
-    r: PositiveInt = 8
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    r: PositiveInt = 8  # LoRA rank: the inner dimension of B·A
+    alpha: float = Field(16.0, gt=0)  # scale of the update: alpha/r (alpha/sqrt(r) with use_rslora)
+    dropout: float = Field(0.05, ge=0, lt=1)  # dropout on the LoRA input
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names (suffixes) to adapt, or 'all-linear'."
     )
@@ -83,7 +83,7 @@ class LoraSpec(_Strict):
         None, description="Extra modules trained in full; the classification head is added for you."
     )
     use_rslora: bool = Field(False, description="Scale by alpha/sqrt(r) instead of alpha/r.")
-    use_dora: bool = False
+    use_dora: bool = False  # DoRA: learn magnitude and direction separately (PEFT)
 
 
 FINETUNE_METHODS = ("lora", "full", "ia3", "prompt", "prefix", "qlora")
@@ -100,42 +100,42 @@ class MethodSpec(_Strict):
 
 
 class TrainSpec(_Strict):
-    epochs: float | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0)  # passes over the training data; set this or max_steps, not both
     max_steps: PositiveInt | None = Field(None, description="Optimizer steps; set this or epochs, not both.")
     micro_batch_size: PositiveInt = Field(16, description="Examples per worker per forward pass.")
-    gradient_accumulation_steps: PositiveInt = 1
-    learning_rate: float = Field(2e-4, gt=0, le=1)
-    scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
+    gradient_accumulation_steps: PositiveInt = 1  # micro-batches per optimizer step
+    learning_rate: float = Field(2e-4, gt=0, le=1)  # peak learning rate (AdamW)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"  # learning-rate schedule after warmup
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)  # share of the steps with a linear warmup from 0
+    weight_decay: float = Field(0.0, ge=0)  # AdamW weight decay
     max_grad_norm: float = Field(1.0, ge=0, description="0 turns clipping off.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, "
                                                             "about a third more compute.")
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    seed: int = 42
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # DeepSpeed mixed precision
+    seed: int = 42  # seeds the model init, the data order and dropout
     eval_every_steps: PositiveInt | None = Field(None, description="Default: once per epoch.")
     checkpoint_every_steps: PositiveInt | None = Field(None, description="Default: at every evaluation.")
-    log_every_steps: PositiveInt = 10
-    keep_checkpoints: PositiveInt = 2
+    log_every_steps: PositiveInt = 10  # optimizer steps between train-loss log lines
+    keep_checkpoints: PositiveInt = 2  # checkpoints Ray Train keeps (the newest)
 
 
 class DeepSpeedSpec(_Strict):
-    zero_stage: int = Field(2, ge=0, le=3)
-    offload_optimizer: bool = False
+    zero_stage: int = Field(2, ge=0, le=3)  # what ZeRO shards: 1 optimizer, 2 + grads, 3 + params
+    offload_optimizer: bool = False  # keep optimizer states in CPU memory
     offload_params: bool = Field(False, description="Needs zero_stage 3.")
     config: str | None = Field(None, description="Path to a full DeepSpeed JSON; it takes precedence.")
 
 
 class ScalingSpec(_Strict):
-    num_workers: PositiveInt = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
+    num_workers: PositiveInt = 2  # Ray Train workers (data-parallel ranks)
+    use_gpu: bool = False  # one GPU per worker (gpus_per_worker), NCCL
+    cpus_per_worker: float = Field(1.0, gt=0)  # CPUs Ray reserves per worker (and torch threads on CPU)
     gpus_per_worker: float = Field(1.0, ge=0, description="Used only when use_gpu is true.")
-    memory_per_worker_gb: float | None = Field(None, gt=0)
+    memory_per_worker_gb: float | None = Field(None, gt=0)  # Ray memory resource reserved per worker
     device_memory_gb: float | None = Field(
         None, gt=0, description="Memory of one worker's device (a GPU's memory; on CPU, the RAM one worker may "
                                 "use) for the preflight memory check. Default: read from the cluster.")
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # Ray's
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint; -1: no limit.")
     resource_wait_s: float | None = Field(
         600.0, gt=0, description="How long a (re)starting worker group may wait for its resources (a lost node, a "
@@ -147,9 +147,9 @@ class TrackingSpec(_Strict):
     uri: str | None = Field(
         None, description="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else SQLite under output_dir."
     )
-    experiment: str = "orchestrator"
+    experiment: str = "orchestrator"  # MLflow experiment name
     run_name: str | None = Field(None, description="Default: the job name. Rerunning a run name resumes it.")
-    tags: dict[str, str] = Field(default_factory=dict)
+    tags: dict[str, str] = Field(default_factory=dict)  # extra tags on every run
     max_pending: int = Field(10_000, ge=10, description="While the server is unreachable, calls kept locally and "
                              "delivered when it returns; past this, the oldest metric batches are dropped (counted).")
     retry_every_s: float = Field(15.0, gt=0, description="How often an unreachable server is tried again; "
@@ -233,8 +233,8 @@ class TuneSpec(_Strict):
     num_samples: PositiveInt = Field(1, description="Random samples; with grid axes, repeats of the grid.")
     search: Literal["random", "grid", "optuna"] = Field(
         "random", description="random/grid are built in; optuna (TPE) needs pip install 'orchestrator[optuna]'.")
-    seed: int = 0
-    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    seed: int = 0  # seeds the search and the grid's order
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)  # early stopping of weak trials
     max_concurrent_trials: Literal["auto"] | PositiveInt = Field(
         "auto", description="auto: as many trials as the cluster's resources hold at once; an integer caps it.")
     rank_tolerance: float = Field(
@@ -254,7 +254,7 @@ class SnapshotSpec(_Strict):
                                      "(ISO dates sort right).")
     snapshot: str | None = Field(None, description="Pin one snapshot by folder name (a backfill); default newest.")
     train: str = Field("train.jsonl", description="File names inside a snapshot folder.")
-    validation: str | None = "validation.jsonl"
+    validation: str | None = "validation.jsonl"  # null: a split of train
     test: str | None = Field("test.jsonl", description="The held-out set champion and challenger are compared on; "
                                                        "without it, the validation file.")
 
@@ -274,13 +274,13 @@ class GenerationSpec(_Strict):
     prompts: list[str] | None = Field(None, description="Default: the prompts of the first validation examples.")
     num_prompts: int = Field(3, ge=0, le=32, description="How many validation prompts when prompts is not given; "
                                                          "0 turns samples off.")
-    max_new_tokens: PositiveInt = Field(48, le=1024)
+    max_new_tokens: PositiveInt = Field(48, le=1024)  # tokens generated per sample prompt
 
 
 class RetrainSpec(_Strict):
     """``orchestrator retrain``: train a challenger on the newest snapshot, promote it past a gate."""
 
-    data: SnapshotSpec
+    data: SnapshotSpec  # the dated data snapshots a retrain picks from
     challenger: Literal["train", "search"] = Field(
         "train", description="train: one training run; search: the job's tune section (best finished trial).")
     metric: Literal["accuracy", "macro_f1", "loss"] = Field(
@@ -300,19 +300,19 @@ class RetrainSpec(_Strict):
 class JobSpec(_Strict):
     """A whole job. Build it with :func:`load_spec`, not by hand, so paths are resolved."""
 
-    version: Literal[1]
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    output_dir: str
-    model: ModelSpec
-    data: DataSpec
-    method: MethodSpec = Field(default_factory=MethodSpec)
-    lora: LoraSpec = Field(default_factory=LoraSpec)
-    train: TrainSpec = Field(default_factory=TrainSpec)
-    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
-    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
-    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
-    registry: RegistrySpec = Field(default_factory=RegistrySpec)
-    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    version: Literal[1]  # spec version; must be 1
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # runs, study, model name
+    output_dir: str  # where checkpoints, the adapter, Tune state and the embedded MLflow store go
+    model: ModelSpec  # the base model
+    data: DataSpec  # training, validation and test data
+    method: MethodSpec = Field(default_factory=MethodSpec)  # what is trained (LoRA by default)
+    lora: LoraSpec = Field(default_factory=LoraSpec)  # LoRA settings
+    train: TrainSpec = Field(default_factory=TrainSpec)  # optimizer, schedule and loop settings
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)  # DeepSpeed ZeRO settings
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)  # Ray Train workers and their resources
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)  # MLflow tracking
+    registry: RegistrySpec = Field(default_factory=RegistrySpec)  # MLflow model registry names and aliases
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)  # causal_lm samples at each evaluation
     tune: TuneSpec | None = Field(None, description="A hyperparameter search (orchestrator tune).")
     retrain: RetrainSpec | None = Field(None, description="Scheduled retraining with a promotion gate.")
 
