@@ -1,4 +1,4 @@
-"""The only module that talks to Ray: connect or start a cluster, check the workers fit, run the TorchTrainer.
+"""Ray Train: connect or start a cluster, check the workers fit, build and run the trainer (shortcuts or stock).
 
 Each Ray Train worker runs :func:`orchestrator.train.loop.train_worker` with a :class:`RayContext`. Progress
 flows back to the driver's console through a small Ray queue (``ray.train.report`` blocks for the

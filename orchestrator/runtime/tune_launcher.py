@@ -1,4 +1,4 @@
-"""The only module that talks to Ray Tune: the search space, scheduler and search algorithm as Tune objects,
+"""Ray Tune: the search space, scheduler and search algorithm as Tune objects,
 and the trial driver that runs one full Ray Train job per trial.
 
 Each trial is a small actor (it holds no CPU; it only waits on its Train controller) that builds the trial's

@@ -2,7 +2,7 @@
 deprecated stages) for ``challenger`` and ``champion``, who/why tags on every alias move, an alias history for
 rollback, and a lock so that two promotions never interleave.
 
-With :mod:`orchestrator.tracking.runs`, the only module that calls MLflow. Credentials come from the environment
+Part of the tracking package, the only code that calls MLflow. Credentials come from the environment
 only (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN); nothing here logs them.
 """
 

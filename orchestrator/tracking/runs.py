@@ -1,6 +1,6 @@
-"""Metric sinks (MLflow on rank 0, a null sink elsewhere) and the driver's handling of the job's MLflow run.
+"""The driver's handling of the job's MLflow runs: the probe, the run and its inputs, trials' child runs, summaries.
 
-With :mod:`orchestrator.tracking.registry` (model versions and aliases), the only modules that call MLflow.
+The tracking package (this, :mod:`.sinks` and :mod:`.registry`) is the only code that calls MLflow.
 Credentials are never passed around: MLflow reads them from the
 environment (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN).
 """
