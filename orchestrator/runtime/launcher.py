@@ -247,7 +247,7 @@ def make_trainer(spec: JobSpec, loop_config: dict[str, Any], name: str, verbose:
                                                    controller_failure_limit=retries),
             worker_runtime_env={"env_vars": env},
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
-            callbacks=[c for c in callbacks if c is not None],
+            callbacks=list(callbacks),
         ),
     }
     if fast:

@@ -106,10 +106,11 @@ def _trial_entry(config: dict[str, Any], study: dict[str, Any]) -> None:
     # The study's run keeper opens the child run beside Ray Train's start-up, not before it: the workers get the
     # run id as an object ref and read it when they open their sink.
     run_id = study["runs"].start.remote(trial_id, trial, config)
+    watch = study["placement_groups"]  # None on the stock path: Ray Train's own cleaner guards the trial
+    callbacks = [TuneReportCallback()] + ([shortcuts.watched_by(watch)] if watch is not None else [])
     trainer = make_trainer(trial, {"spec": trial.model_dump(), "progress": None, "tracking_uri": study["tracking_uri"],
-                                   "run_id": run_id}, trial_id, study["verbose"],
-                           callbacks=[TuneReportCallback(), study["placement_groups"] and
-                                      shortcuts.watched_by(study["placement_groups"])], fast=study["fast"])
+                                   "run_id": run_id}, trial_id, study["verbose"], callbacks=callbacks,
+                           fast=study["fast"])
     try:
         trainer.fit()
     except Exception as error:
