@@ -251,11 +251,14 @@ def make_trainer(spec: JobSpec, loop_config: dict[str, Any], name: str, verbose:
         ),
     }
     if fast:
-        return shortcuts.trainer_class()(_worker_entry, backend_config=shortcuts.TorchProcessGroup(backend=backend),
+        return shortcuts.trainer_class()(_worker_entry, backend_config=shortcuts.TorchProcessGroup(
+            backend=backend, timeout_s=spec.scaling.collective_timeout_s),
                                          **options)
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    return TorchTrainer(_worker_entry, torch_config=TorchConfig(backend=backend), **options)
+    return TorchTrainer(_worker_entry, torch_config=TorchConfig(backend=backend,
+                                                                timeout_s=spec.scaling.collective_timeout_s),
+                        **options)
 
 
 def worker_env_vars(spec: JobSpec, verbose: bool) -> dict[str, str]:

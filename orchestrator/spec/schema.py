@@ -29,12 +29,26 @@ class _Strict(BaseModel):
 PositiveInt = Annotated[int, Field(gt=0)]
 
 
+ATTENTION_KERNELS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+FLASH_KERNELS = ("flash_attention_2", "flash_attention_3")
+HUB_KERNEL = r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(@[A-Za-z0-9_.-]+)?(:[A-Za-z0-9_.-]+)?$"
+
+
+def is_hub_kernel(name: str) -> bool:
+    """A kernels-hub attention id (``org/name``, optionally ``@revision`` and ``:function``), not a built-in."""
+    return bool(re.match(HUB_KERNEL, name))
+
+
 class ModelSpec(_Strict):
     path: str = Field(description="Local model folder, 'pkg:package/folder' inside an installed package, or a hub id.")
     task: Literal["sequence_classification", "causal_lm"] = "sequence_classification"  # a classifier, or an LM
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="dtype the frozen base weights are loaded in."
-    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype the frozen base weights are loaded in; auto follows train.precision "
+                            "(bfloat16 under bf16, float16 under fp16, else float32).")
+    attn_implementation: str = Field(
+        "sdpa", description="Attention kernel: sdpa, eager, flash_attention_2, flash_attention_3 (CUDA GPUs, "
+                            "the flash-attn package on the workers) or a kernels-hub id like "
+                            "kernels-community/flash-attn (the kernels package).")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model folder. Off unless needed.")
     gguf_file: str | None = Field(
         None, description="A GGUF file inside model.path (e.g. a quantized export): dequantized once per machine "
@@ -42,6 +56,15 @@ class ModelSpec(_Strict):
     adapter: str | None = Field(
         None, description="Continue training this PEFT adapter instead of a fresh LoRA: a folder, "
                           "models:/NAME@alias or models:/NAME/VERSION. Its LoRA settings replace the lora section.")
+
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _known_attention(cls, name: str) -> str:
+        if name not in ATTENTION_KERNELS and not is_hub_kernel(name):
+            raise ValueError(f"unknown attention implementation {name!r}; use one of {', '.join(ATTENTION_KERNELS)} "
+                             "or a kernels-hub id like kernels-community/flash-attn")
+        return name
 
 
 LM_FORMATS = ("prompt_completion", "chat", "text")
@@ -111,7 +134,9 @@ class TrainSpec(_Strict):
     max_grad_norm: float = Field(1.0, ge=0, description="0 turns clipping off.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, "
                                                             "about a third more compute.")
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # DeepSpeed mixed precision
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="DeepSpeed mixed precision; auto: bf16 on GPUs that have it (compute capability 8.0+), "
+                            "fp16 on older GPUs, fp32 on CPU.")
     seed: int = 42  # seeds the model init, the data order and dropout
     eval_every_steps: PositiveInt | None = Field(None, description="Default: once per epoch.")
     checkpoint_every_steps: PositiveInt | None = Field(None, description="Default: at every evaluation.")
@@ -135,6 +160,9 @@ class ScalingSpec(_Strict):
     device_memory_gb: float | None = Field(
         None, gt=0, description="Memory of one worker's device (a GPU's memory; on CPU, the RAM one worker may "
                                 "use) for the preflight memory check. Default: read from the cluster.")
+    collective_timeout_s: PositiveInt = Field(
+        1800, description="How long a collective (all-reduce, gather) may wait for the other workers before the "
+                          "process group fails the run (torch's timeout: a hung or lost rank).")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # Ray's
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint; -1: no limit.")
     resource_wait_s: float | None = Field(
@@ -328,6 +356,8 @@ class JobSpec(_Strict):
     @model_validator(mode="after")
     def _cross_field_rules(self) -> JobSpec:
         causal = self.model.task == "causal_lm"
+        flash = self.model.attn_implementation in FLASH_KERNELS
+        gpu_kernel = flash or is_hub_kernel(self.model.attn_implementation)
         rules = [
             (not causal and self.data.format != "auto", "data.format",
              "prompt_completion, chat and text are causal_lm formats; set model.task: causal_lm"),
@@ -348,8 +378,21 @@ class JobSpec(_Strict):
              "parameter offload needs deepspeed.zero_stage: 3"),
             (self.train.precision == "fp16" and not self.scaling.use_gpu, "train.precision",
              "fp16 needs GPUs (scaling.use_gpu: true); on CPU use bf16 or fp32"),
-            (self.train.precision != "fp32" and self.model.dtype == "float16" and not self.scaling.use_gpu,
-             "model.dtype", "float16 weights need GPUs; on CPU use float32 or bfloat16"),
+            (self.model.dtype == "float16" and not self.scaling.use_gpu,
+             "model.dtype", "float16 weights need GPUs; on CPU use auto, float32 or bfloat16"),
+            (self.scaling.collective_timeout_s < 10, "scaling.collective_timeout_s",
+             "under 10 s a slow step or checkpoint already fails the run; use the default 1800 or more than 10"),
+            (gpu_kernel and not self.scaling.use_gpu, "model.attn_implementation",
+             f"{self.model.attn_implementation} runs on CUDA GPUs only; set scaling.use_gpu: true, or use sdpa "
+             "(or eager) on CPU"),
+            (flash and self.train.precision == "fp32", "model.attn_implementation",
+             f"{self.model.attn_implementation} computes in bf16/fp16 only; set train.precision auto, bf16 or fp16, "
+             "or use sdpa"),
+            (causal and self.data.packing and self.data.packing_attention == "isolated"
+             and is_hub_kernel(self.model.attn_implementation), "data.packing_attention",
+             f"isolated packing is not known to hold under the hub kernel {self.model.attn_implementation} (it may "
+             "ignore the restarting position ids and let examples attend to each other); use sdpa, eager or "
+             "flash_attention_2/3, or data.packing_attention: shared"),
             (self.method.name == "qlora" and not self.scaling.use_gpu, "method.name",
              "qlora needs CUDA GPUs (bitsandbytes 4-bit); set scaling.use_gpu: true or use lora"),
             (self.method.name == "qlora" and self.deepspeed.zero_stage == 3, "method.name",
