@@ -66,13 +66,19 @@ def saved_job(folder: str) -> JobSpec | None:
     return saved_spec(raw, str(saved))
 
 
+SERVING_ATTENTION = ("sdpa", "eager")  # the kernels that run on CPU and GPU in float32
+
+
 def base_model_spec(folder: str, base: str | None, task: str, job: JobSpec | None) -> ModelSpec:
     """The base the adapter was trained on (``job``: its saved job, if any), as a :class:`ModelSpec`."""
     if base:
         return ModelSpec(path=base, task=task)
     if job is not None:
+        # Serving loads the base in float32 on whatever this process has (often a CPU): the job's flash or hub
+        # kernel may not run here, so only sdpa and eager carry over (eager: eval reproduces training closely).
+        attention = job.model.attn_implementation if job.model.attn_implementation in SERVING_ATTENTION else "sdpa"
         return ModelSpec(path=job.model.path, gguf_file=job.model.gguf_file, task=task,
-                         trust_remote_code=job.model.trust_remote_code)
+                         trust_remote_code=job.model.trust_remote_code, attn_implementation=attention)
     recorded = json.loads(Path(folder, "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not recorded:
         raise SpecError(f"--base: {folder} does not say which base model it adapts; pass --base MODEL_FOLDER")
@@ -104,16 +110,19 @@ def load_adapter(reference: str, base: str | None = None, tracking_uri: str | No
     job = saved_job(folder)
     spec = base_model_spec(folder, base, found, job)
     labels = adapter_labels(folder)
+    # sdpa as transformers' default (sdpa where the model has it, else eager): lenient with a base from elsewhere
+    attention = None if spec.attn_implementation == "sdpa" else spec.attn_implementation
     if found == "sequence_classification":
         if labels is None:
             raise SpecError(f"--adapter: {folder} has no labels.json; it is not a classifier this project trained")
         base_model = AutoModelForSequenceClassification.from_pretrained(
             model_folder(spec), num_labels=len(labels), id2label=dict(enumerate(labels)),
             label2id={n: i for i, n in enumerate(labels)}, use_safetensors=True, ignore_mismatched_sizes=True,
-            trust_remote_code=spec.trust_remote_code)
+            trust_remote_code=spec.trust_remote_code, attn_implementation=attention)
     else:
         base_model = AutoModelForCausalLM.from_pretrained(model_folder(spec), use_safetensors=True,
-                                                          trust_remote_code=spec.trust_remote_code)
+                                                          trust_remote_code=spec.trust_remote_code,
+                                                          attn_implementation=attention)
     try:
         model = PeftModel.from_pretrained(base_model, folder).eval()
     except (RuntimeError, ValueError, KeyError) as error:  # shapes or module names do not match

@@ -245,7 +245,7 @@ def build_peft_model(spec: JobSpec, label_names: list[str] | None):
     folder = model_folder(spec.model)
     causal = spec.model.task == "causal_lm"
     options = {"dtype": getattr(torch, _DTYPES[spec.model.dtype]), "trust_remote_code": spec.model.trust_remote_code,
-               "use_safetensors": True}
+               "attn_implementation": spec.model.attn_implementation, "use_safetensors": True}
     if spec.method.name == "qlora":
         options["quantization_config"] = _four_bit(spec)
     if causal:

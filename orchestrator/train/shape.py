@@ -49,6 +49,39 @@ def model_shape(spec: JobSpec, num_labels: int | None) -> ModelShape:
                                 or getattr(config, "attention_dropout", 0.0) or 0.0))
 
 
+def attention_support(spec: JobSpec) -> dict[str, bool]:
+    """The attention kernels the model class declares, by its own flags: ``sdpa`` (``_supports_sdpa``),
+    ``flash`` (``_supports_flash_attn``: flash_attention_2/3 and flash kernels from the hub), ``flex``
+    (``_supports_flex_attn``) and ``attention_backend`` (``_supports_attention_backend``: it calls attention
+    through transformers' registry, which a kernels-hub kernel plugs into).
+
+    The class is the one transformers builds for this config (the job's task), found in its model mapping; code
+    shipped with the model folder (``trust_remote_code``) is built on the meta device instead. No weights are read.
+    """
+    cls = _model_class(spec)
+    return {"sdpa": bool(cls._supports_sdpa), "flash": bool(cls._supports_flash_attn),
+            "flex": bool(cls._supports_flex_attn),
+            "attention_backend": bool(getattr(cls, "_supports_attention_backend", False))}
+
+
+def _model_class(spec: JobSpec) -> type:
+    from orchestrator.train.modeling import auto_class, load_model_config
+
+    config = load_model_config(spec, None)
+    factory = auto_class(spec.model.task)
+    remote = spec.model.trust_remote_code and factory.__name__ in (getattr(config, "auto_map", None) or {})
+    if not remote:
+        try:
+            return factory._model_mapping[type(config)]  # what from_config / from_pretrained pick, unbuilt
+        except KeyError:
+            raise SpecError(f"model.task: {spec.model.task} does not fit {spec.model.path} "
+                            f"({type(config).__name__} has no {factory.__name__} class)") from None
+    import torch
+
+    with torch.device("meta"):
+        return type(factory.from_config(config, trust_remote_code=True))
+
+
 def _check_prefix_support(model) -> None:
     """Prefix tuning feeds learned keys/values as ``past_key_values``; PEFT needs the model (or its backbone)
     to take them, and fails only at the first forward pass otherwise."""
