@@ -270,10 +270,35 @@ def collate(rows: list[Encoded], pad_id: int, isolated: bool) -> dict[str, Any]:
             positions[i, start:end] = torch.arange(end - start)
     batch = {"input_ids": input_ids, "labels": labels, "use_cache": False}
     if isolated:
-        batch["position_ids"] = positions  # padding continues as one more "example" that nothing attends to
+        batch["position_ids"] = positions  # padding continues the last example's positions, after all its tokens
     else:
         batch["attention_mask"] = mask
     return batch
+
+
+def flatten(rows: list[Encoded]) -> dict[str, Any]:
+    """A padding-free micro-batch: every example of ``rows`` concatenated into one row (shape 1 x total tokens),
+    position ids restarting at each example, each example's first token unlabeled, no padding and no attention
+    mask (the semantics of transformers' ``DataCollatorWithFlattening``).
+
+    Isolated packing under flash attention needs it: transformers finds the examples from restarting position
+    ids only in a batch of one row (``_is_packed_sequence`` in modeling_flash_attention_utils) and then runs the
+    variable-length kernel over them; with more rows it runs plain causal attention over each whole row.
+    sdpa and eager give the same result from the same inputs (a block-diagonal causal mask).
+    """
+    import torch
+
+    input_ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for row in rows:
+        bounds = [*row.starts, len(row)]
+        for start, end in zip(bounds, bounds[1:]):
+            input_ids += row.input_ids[start:end]
+            labels += [IGNORE] + row.labels[start + 1:end]  # nothing predicted from the example before
+            positions += range(end - start)
+    return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions]), "use_cache": False}
 
 
 def show(example: Encoded, tokenizer, width: int = 100) -> str:

@@ -10,6 +10,7 @@ import math
 from typing import Any, Protocol
 
 from orchestrator.spec import JobSpec
+from orchestrator.spec.schema import FLASH_KERNELS
 
 
 class Task(Protocol):
@@ -83,11 +84,17 @@ class CausalLM:
         return len(self.rows[split])
 
     def batch(self, split: str, indices: list[int]) -> tuple[dict[str, Any], int]:
-        from orchestrator.train.lm_data import collate
+        """Model inputs with labels, and the number of real (non-padding) tokens in them. Isolated packing under
+        flash attention gets one flattened row (:func:`~orchestrator.train.lm_data.flatten`): flash keeps packed
+        examples apart only in a batch of one row; sdpa and eager keep them apart in padded rows."""
+        from orchestrator.train.lm_data import collate, flatten
 
         rows = [self.rows[split][i] for i in indices]
         isolated = split == "train" and self.spec.data.packing and self.spec.data.packing_attention == "isolated"
-        return collate(rows, self.tokenizer.pad_token_id, isolated), sum(len(r) for r in rows)
+        tokens = sum(len(r) for r in rows)
+        if isolated and self.spec.model.attn_implementation in FLASH_KERNELS:
+            return flatten(rows), tokens
+        return collate(rows, self.tokenizer.pad_token_id, isolated), tokens
 
     def eval_rows(self, logits, batch: dict[str, Any]) -> list[tuple]:
         return lm_eval_rows(logits, batch)
