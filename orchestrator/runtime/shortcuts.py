@@ -5,7 +5,8 @@ Every search trial is a Ray Train run, so each second of a run's start-up is pai
 buy (``tests/benchmarks/bench_startup.py`` run both ways, BENCHMARKS.md):
 
 - :class:`TorchProcessGroup`: Ray's ``TorchConfig`` minus torch in the driver and the controller (the
-  config's module imports torch; 2-4 s of CPU per trial), calling Ray's own process-group functions;
+  config's module imports torch; 2-4 s of CPU per trial), calling Ray's own process-group functions, with
+  Ray's backend attributes and steps (``tests/test_backend.py`` compares them, and the workers' environment);
 - :func:`trainer_class`: no per-run Ray Data ``DatasetManager`` actor (our workers read their own data),
   and no per-run ``PlacementGroupCleaner`` process where a study's :class:`PlacementGroupWatch` guards the run;
 - :func:`worker_env`: each Train worker process imports the training stack from the moment Ray starts it
@@ -186,11 +187,18 @@ def _watched_class():
 
 @dataclass
 class TorchProcessGroup:
-    """Ray's ``TorchConfig`` (env:// process group, one rank per worker, Ray's own setup functions), minus one
-    thing: the driver and Ray Train's controller never import torch. ``TorchConfig``'s module imports torch, and
-    every search trial runs a driver and a controller process of its own: 2-4 s of each trial on 2 cores."""
+    """Ray's ``TorchConfig`` minus one thing: the driver and Ray Train's controller never import torch.
+    ``TorchConfig``'s module imports torch, and every search trial runs a driver and a controller process of its
+    own: 2-4 s of each trial on 2 cores.
 
-    backend: str = "gloo"
+    The rest is Ray's, and ``tests/test_backend.py`` holds it to Ray's on the installed version: the same fields
+    and defaults (``backend`` None picks nccl when the workers have GPUs, else gloo; ``to_dict`` equal), the same
+    backend class attributes (``share_cuda_visible_devices``: a GPU worker sees every GPU its run holds on its
+    node, as DeepSpeed's ``cuda:LOCAL_RANK`` and NCCL's peer access need), and the same environment and process group on
+    each worker, set up by Ray's own functions. Not carried over: TPUs (Ray's ``tpu_dist``), ``init_method="tcp"``
+    (always env://), and Ray Train V1's worker group."""
+
+    backend: str | None = None
     timeout_s: int = 1800
 
     @property
@@ -224,15 +232,21 @@ class _TorchDeviceContext:
         return self._inner.__exit__(*exc)
 
 
+# Run on the workers, importing Ray's torch functions (and torch) there, never in the controller.
 def _set_master(addr: str, port: int) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
 
 
-def _join_process_group(**options) -> None:
-    from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group
+def _set_distributed_env() -> None:
+    from ray.train.torch.config import _set_torch_distributed_env_vars
 
-    _set_torch_distributed_env_vars()  # RANK, LOCAL_RANK, WORLD_SIZE, ... as torchrun sets them
-    _setup_torch_process_group(**options)
+    _set_torch_distributed_env_vars()  # RANK, LOCAL_RANK, WORLD_SIZE, ..., ACCELERATE_TORCH_DEVICE, as torchrun
+
+
+def _join_process_group(**options) -> None:
+    from ray.train.torch.config import _setup_torch_process_group
+
+    _setup_torch_process_group(**options)  # with nccl: TORCH_NCCL_ASYNC_ERROR_HANDLING=1 unless the user set it
 
 
 def _leave_process_group(**options) -> None:
@@ -243,26 +257,38 @@ def _leave_process_group(**options) -> None:
 
 @functools.cache
 def _backend_class():
-    """``TorchConfig``'s backend for the non-TPU case, calling the same functions on the workers (built on
-    first use: importing this module does not import Ray)."""
+    """``TorchConfig``'s backend (``_TorchBackend``) for the non-TPU case, step by step on Ray Train V2's
+    worker group, calling Ray's functions on the workers (built on first use: importing this module does not
+    import Ray)."""
     import ray
+    from ray._private.ray_constants import env_integer
+    from ray.train import constants
     from ray.train._internal.utils import get_address_and_port
     from ray.train.backend import Backend
 
     class TorchProcessGroupBackend(Backend):
+        # Ray Train then sets CUDA_VISIBLE_DEVICES on each GPU worker to all the run's GPUs on its node (unless
+        # TRAIN_ENABLE_SHARE_CUDA_VISIBLE_DEVICES=0): local rank r uses cuda:r, and NCCL reaches its peers.
+        share_cuda_visible_devices = True
+
         def on_start(self, worker_group, config: TorchProcessGroup) -> None:
+            backend = config.backend or ("nccl" if worker_group.get_resources_per_worker().get("GPU", 0) > 0
+                                         else "gloo")
             addr, port = worker_group.execute_single(0, get_address_and_port)
             worker_group.execute(_set_master, addr=addr, port=port)
-            ray.get([worker_group.execute_single_async(rank, _join_process_group, backend=config.backend,
-                                                       world_rank=rank, world_size=len(worker_group),
-                                                       init_method="env://", timeout_s=config.timeout_s)
+            worker_group.execute(_set_distributed_env)  # on every worker before any joins, as Ray
+            ray.get([worker_group.execute_single_async(rank, _join_process_group, backend=backend, world_rank=rank,
+                                                       world_size=len(worker_group), init_method="env://",
+                                                       timeout_s=config.timeout_s)
                      for rank in range(len(worker_group))])
 
         def on_shutdown(self, worker_group, config: TorchProcessGroup) -> None:
+            timeout_s = env_integer(constants.TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,  # as Ray: 30 s by default
+                                    constants.DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S)
             try:
                 ray.get(worker_group.execute_async(_leave_process_group,
-                                                   destroy_process_group=len(worker_group) > 1), timeout=30)
+                                                   destroy_process_group=len(worker_group) > 1), timeout=timeout_s)
             except ray.exceptions.GetTimeoutError:
-                logging.getLogger(__name__).warning("torch process group shutdown timed out after 30 s")
+                logging.getLogger(__name__).warning("torch process group shutdown timed out after %s s", timeout_s)
 
     return TorchProcessGroupBackend
