@@ -109,6 +109,22 @@ def test_ray_clusters_autoscale_gpu_workers_and_keep_training_off_the_head(where
             assert resources["requests"] == resources["limits"], f"{container['name']}: requests != limits"
 
 
+@pytest.mark.parametrize("where, spec", cluster_specs(), ids=[w for w, _ in cluster_specs()])
+def test_gpu_worker_pods_hold_a_whole_nodes_gpus_and_ray_counts_them(where, spec):
+    """One pod per GPU node with all its GPUs, as Ray Train expects: it shows a run's workers on a node all the
+    GPUs the run holds there (local rank r on cuda:r, NCCL peer access). One-GPU pods hide a worker that sees only
+    its own GPU. Ray's counts (rayStartParams), where written, are the container's limits."""
+    groups = [g for g in spec["workerGroupSpecs"]
+              if any(c["resources"]["limits"].get("nvidia.com/gpu", 0) for c in g["template"]["spec"]["containers"])]
+    assert groups
+    for group in groups:
+        [container] = group["template"]["spec"]["containers"]
+        limits, params = container["resources"]["limits"], group["rayStartParams"]
+        assert int(limits["nvidia.com/gpu"]) >= 2, f"{group['groupName']}: one GPU per pod"
+        assert params.get("num-gpus", str(limits["nvidia.com/gpu"])) == str(limits["nvidia.com/gpu"])
+        assert params.get("num-cpus", str(limits["cpu"])) == str(limits["cpu"])
+
+
 @pytest.mark.parametrize("path, job", of_kind("RayJob"), ids=[str(p) for p, _ in of_kind("RayJob")])
 def test_ray_jobs_have_an_entrypoint_and_one_cluster(path, job):
     spec = job["spec"]
