@@ -19,7 +19,7 @@ def error_of(raw: dict) -> str:
 
 def test_defaults_live_in_the_spec(job):
     spec = spec_from_dict(job())
-    assert spec.deepspeed.zero_stage == 2 and spec.train.precision == "fp32" and spec.lora.dropout == 0.05
+    assert spec.deepspeed.zero_stage == 2 and spec.train.precision == "auto" and spec.lora.dropout == 0.05
     assert spec.run_name() == "tiny"
 
 

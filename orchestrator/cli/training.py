@@ -54,6 +54,7 @@ def _validate(args) -> int:
         print(f"  warning: {count} {split} examples keep no trained token at data.max_length "
               f"{spec.data.max_length} and are skipped")
     print(f"  model: {spec.model.path} ({checked.total_params:,} parameters, {checked.linear_modules} linear layers)")
+    print(f"  computes: {checked.computes}")
     print(f"  plan: {spec.scaling.num_workers} workers x {plan.micro_batch_size} x {plan.gradient_accumulation_steps}"
           f" accumulation = global batch {plan.global_batch_size}; {plan.total_steps} steps "
           f"({plan.steps_per_epoch:g} per epoch), eval every {plan.eval_every_steps}")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from orchestrator.plan.precision import resolve
 from orchestrator.spec import JobSpec, SpecError
 
 GiB = 1024**3
@@ -212,8 +213,12 @@ def candidates(spec: JobSpec, method: str = "lora") -> list[Setting]:
 
 
 def estimate_job(spec: JobSpec, shape: ModelShape, setting: Setting, gpu: bool | None = None) -> Estimate:
+    """The estimate for the job at ``setting``; precision ``auto`` as it resolves on the job's kind of device
+    (:func:`orchestrator.plan.precision.resolve`: bf16 on a GPU, fp32 on CPU)."""
+    run = resolve(spec)
     return estimate(shape, setting, world=spec.scaling.num_workers, seq_len=spec.data.max_length,
-                    precision=spec.train.precision, dtype=spec.model.dtype, lora_dropout=spec.lora.dropout,
+                    precision=run.train.precision, dtype=run.model.dtype, lora_dropout=spec.lora.dropout,
+                    eager_attention=spec.model.attn_implementation == "eager",
                     gpu=spec.scaling.use_gpu if gpu is None else gpu)
 
 
@@ -306,7 +311,7 @@ def plan_table(spec: JobSpec, shape: ModelShape, device_memory: float | None) ->
     lines = [f"model: {spec.model.path} ({shape.total_params / 1e6:.1f}M parameters, {shape.layers} layers, hidden "
              f"{shape.hidden}); LoRA r={spec.lora.r} trains {shape.lora_trainable / 1e6:.2f}M ({share:.2f}%)",
              f"job:   {world} data-parallel workers, micro-batch {spec.train.micro_batch_size} x "
-             f"{spec.data.max_length} tokens, precision {spec.train.precision}, gradient checkpointing "
+             f"{spec.data.max_length} tokens, precision {resolve(spec).train.precision}, gradient checkpointing "
              f"{'on' if spec.train.gradient_checkpointing else 'off'}; GiB per device:", ""]
     header = ["method", "ZeRO", "weights", "grads", "optimizer", "buckets", "activations", "runtime", "total", "fits"]
     rows = []

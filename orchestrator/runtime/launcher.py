@@ -129,34 +129,45 @@ def check_placement(spec: JobSpec) -> None:
         raise SpecError(problem)
 
 
-def device_memory(spec: JobSpec, nodes: list[dict[str, float]]) -> tuple[float | None, str]:
+def probe_device(spec: JobSpec):
+    """A GPU worker's device (:class:`orchestrator.plan.precision.Device`: name, compute capability, bf16,
+    memory, the attention packages importable there), read by a one-GPU Ray task on the cluster; None for a CPU
+    job, or when no GPU is free within a minute (the workers then check it themselves)."""
+    if not spec.scaling.use_gpu:
+        return None
+    import ray
+
+    @ray.remote(num_gpus=1, num_cpus=0)
+    def read_device():
+        from orchestrator.train.device import local_device
+
+        return local_device(True)
+
+    try:
+        return ray.get(read_device.remote(), timeout=60)
+    except Exception:  # noqa: BLE001 - busy or unreadable: the workers read their own device
+        return None
+
+
+def device_memory(spec: JobSpec, nodes: list[dict[str, float]], device=None) -> tuple[float | None, str]:
     """Bytes of memory one worker's device has, and where that number comes from: ``scaling.device_memory_gb``;
-    else a GPU's total memory read by a one-GPU Ray task; else, on CPU, each worker's share of a node's Ray
-    ``memory`` (:func:`orchestrator.plan.placement.memory_share`). None when it cannot be told."""
+    else a GPU's total memory as :func:`probe_device` read it (``device``); else, on CPU, each worker's share of
+    a node's Ray ``memory`` (:func:`orchestrator.plan.placement.memory_share`). None when it cannot be told."""
     if spec.scaling.device_memory_gb:
         return spec.scaling.device_memory_gb * 1024**3, "scaling.device_memory_gb"
     if spec.scaling.use_gpu:
-        import ray
-
-        @ray.remote(num_gpus=1, num_cpus=0)
-        def gpu_memory() -> int:
-            import torch
-
-            return torch.cuda.get_device_properties(0).total_memory
-
-        try:
-            return float(ray.get(gpu_memory.remote(), timeout=60)), "the cluster's GPUs"
-        except Exception:  # no GPU free within a minute: launch, and let the workers report
+        if device is None or device.memory_bytes is None:
             return None, "the cluster's GPUs (not readable)"
+        return device.memory_bytes, f"the cluster's GPUs ({device.name})"
     share = memory_share(nodes, worker_resources(spec), spec.scaling.num_workers)
     return (share, "each worker's share of a node's Ray memory") if share else (None, "the cluster")
 
 
-def check_memory(spec: JobSpec, shape, nodes: list[dict[str, float]]) -> None:
+def check_memory(spec: JobSpec, shape, nodes: list[dict[str, float]], device=None) -> None:
     """Refuses, with the numbers, a job whose estimate (:mod:`orchestrator.plan.memory`) exceeds a worker's device."""
     from orchestrator.plan.memory import check_fits
 
-    available, where = device_memory(spec, nodes)
+    available, where = device_memory(spec, nodes, device)
     if available is not None:
         check_fits(spec, shape, available, where)
 

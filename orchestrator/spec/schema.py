@@ -380,6 +380,10 @@ class JobSpec(_Strict):
              "fp16 needs GPUs (scaling.use_gpu: true); on CPU use bf16 or fp32"),
             (self.model.dtype == "float16" and not self.scaling.use_gpu,
              "model.dtype", "float16 weights need GPUs; on CPU use auto, float32 or bfloat16"),
+            (self.scaling.use_gpu and self.scaling.gpus_per_worker != 1
+             and (self.scaling.num_workers > 1 or self.scaling.gpus_per_worker > 1), "scaling.gpus_per_worker",
+             "each worker trains on one whole GPU (NCCL runs one rank per GPU, and a worker would leave a second GPU "
+             "idle); set scaling.gpus_per_worker: 1 and scale with scaling.num_workers"),
             (self.scaling.collective_timeout_s < 10, "scaling.collective_timeout_s",
              "under 10 s a slow step or checkpoint already fails the run; use the default 1800 or more than 10"),
             (gpu_kernel and not self.scaling.use_gpu, "model.attn_implementation",
@@ -388,6 +392,11 @@ class JobSpec(_Strict):
             (flash and self.train.precision == "fp32", "model.attn_implementation",
              f"{self.model.attn_implementation} computes in bf16/fp16 only; set train.precision auto, bf16 or fp16, "
              "or use sdpa"),
+            (causal and self.data.packing and self.data.packing_attention == "isolated"
+             and self.method.name in ("prompt", "prefix"), "data.packing_attention",
+             f"isolated packing does not hold under {self.method.name} tuning (PEFT drops or shifts the position "
+             "ids that keep packed examples apart, so they would attend to each other); use "
+             "data.packing_attention: shared, or data.packing: false"),
             (causal and self.data.packing and self.data.packing_attention == "isolated"
              and is_hub_kernel(self.model.attn_implementation), "data.packing_attention",
              f"isolated packing is not known to hold under the hub kernel {self.model.attn_implementation} (it may "

@@ -40,7 +40,8 @@ class TrainingConsole:
             if event["step"] == event["total"]:
                 note = f" (already trained to step {event['step']}: evaluating and saving again)"
             self.console.print(f"training {event['trainable']:,} of {event['total_params']:,} parameters "
-                               f"({100 * event['trainable'] / event['total_params']:.2f}%){note}")
+                               f"({100 * event['trainable'] / event['total_params']:.2f}%){note}"
+                               + (f"; {event['computes']}" if event.get("computes") else ""))
         elif self._task is None:
             return
         elif kind == "step":

@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.plan.batches import BatchPlan, deepspeed_config, plan_batches
+from orchestrator.plan.batches import BatchPlan, as_configured, deepspeed_config, plan_batches
+from orchestrator.plan.precision import Device, default_device, describe, problems, resolve
 from orchestrator.spec import JobSpec, SpecError
 from orchestrator.train.modeling import (
     check_adapter_labels,
@@ -30,10 +31,13 @@ class Preflight:
     example: str | None = None  # causal LM: the first training example with its trained spans marked
     dropped: dict[str, int] = field(default_factory=dict)  # causal LM: examples left with no trained token
     shape: object = None  # orchestrator.plan.memory.ModelShape: what the memory estimate needs
+    planned: JobSpec | None = None  # as the workers run it: a user DeepSpeed JSON's settings, precision resolved
+    computes: str = ""  # the precision and attention it resolves to, on which device (validate prints it)
 
 
-def preflight(spec: JobSpec) -> Preflight:
-    """Raises :class:`orchestrator.spec.SpecError` naming the field to fix; returns what it learned."""
+def preflight(spec: JobSpec, device: Device | None = None) -> Preflight:
+    """Raises :class:`orchestrator.spec.SpecError` naming the field to fix; returns what it learned. ``device``:
+    a worker's device as probed on the cluster; default, the job's kind of device (a GPU assumed Ampere+)."""
     if spec.model.trust_remote_code:
         import sys
 
@@ -54,10 +58,30 @@ def preflight(spec: JobSpec) -> Preflight:
         rows, dropped = task.size("train"), {k: v for k, v in task.dropped.items() if v}
         example = show(encode(data.train.records[0], tokenizer, spec.data.max_length, spec.data.train_on), tokenizer)
     plan = plan_batches(spec, rows)
-    deepspeed_config(spec, plan, read_deepspeed_json(spec.deepspeed.config))  # checks a user JSON's batch keys
+    user_json = read_deepspeed_json(spec.deepspeed.config)
+    deepspeed_config(spec, plan, user_json)  # checks a user JSON's batch keys
+    planned, computes = check_device(spec, user_json, device)
     if spec.model.adapter and not spec.model.adapter.startswith("models:/") and data.label_names:
         check_adapter_labels(spec.model.adapter, data.label_names)
-    return Preflight(data, plan, total, len(names), rows, example, dropped, shape)
+    return Preflight(data, plan, total, len(names), rows, example, dropped, shape, planned, computes)
+
+
+def as_run_on(spec: JobSpec, device: Device | None) -> JobSpec:
+    """:func:`check_device` for a device probed on the cluster (``None``: the job's kind of device)."""
+    return check_device(spec, read_deepspeed_json(spec.deepspeed.config), device)[0]
+
+
+def check_device(spec: JobSpec, user_json: dict | None, device: Device | None) -> tuple[JobSpec, str]:
+    """The spec as the workers will run it on ``device`` and a line saying so; raises SpecError when the
+    precision or attention cannot run there (bf16 on a GPU without it, a flash kernel not installed)."""
+    from orchestrator.train.shape import attention_support
+
+    device = device or default_device(spec)
+    planned = resolve(as_configured(spec, user_json), device)
+    wrong = problems(planned, device, attention_support(spec))
+    if wrong:
+        raise SpecError("; ".join(wrong))
+    return planned, describe(planned, device)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",

@@ -9,7 +9,7 @@ from pathlib import Path
 from orchestrator.spec import JobSpec
 from orchestrator.train.loop import ADAPTER_DIR
 from orchestrator.workflows.console import TrainingConsole
-from orchestrator.workflows.preflight import preflight
+from orchestrator.workflows.preflight import as_run_on, preflight
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,14 @@ def train(spec: JobSpec, verbose: bool = False, console: TrainingConsole | None 
     checked = preflight(spec)
     tracking.check_reachable(spec)
     if check_memory and spec.scaling.device_memory_gb:  # known without a cluster: refuse before Ray starts
-        launcher.check_memory(spec, checked.shape, [])
+        launcher.check_memory(checked.planned, checked.shape, [])
     spec = with_local_adapter(spec, checked.data.label_names)
     launcher.connect(verbose)
     launcher.check_placement(spec)
+    device = launcher.probe_device(spec)  # a GPU job: what its workers' GPUs are (precision, kernels, memory)
+    planned = as_run_on(spec, device)
     if check_memory and not spec.scaling.device_memory_gb:
-        launcher.check_memory(spec, checked.shape, launcher.cluster_nodes())
+        launcher.check_memory(planned, checked.shape, launcher.cluster_nodes(), device)
     uri, run_id = tracking.start_run(spec, data_inputs(checked.data))
     sinks.deliver_pending(uri, run_id, spec.output_dir)  # what an earlier run could not deliver
     status = "FAILED"

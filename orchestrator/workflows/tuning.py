@@ -23,7 +23,7 @@ from orchestrator.plan.search import (
 from orchestrator.spec import JobSpec, SpecError
 from orchestrator.spec.space import VARIANT
 from orchestrator.workflows.console import StudyConsole
-from orchestrator.workflows.preflight import preflight
+from orchestrator.workflows.preflight import as_run_on, preflight
 from orchestrator.workflows.training import data_inputs, with_local_adapter
 
 SUMMARY_DIR = "summary"
@@ -86,14 +86,16 @@ def tune(spec: JobSpec, resume: bool = False, verbose: bool = False, console: St
         heavy = heaviest(spec)  # the largest rank, micro-batch and length the space can pick must fit
         heavy_shape = model_shape(heavy, len(labels) if labels else None)
         if spec.scaling.device_memory_gb:  # known without a cluster: refuse before Ray starts
-            launcher.check_memory(heavy, heavy_shape, [])
+            launcher.check_memory(as_run_on(heavy, None), heavy_shape, [])
     launcher.connect(verbose)
     nodes = launcher.cluster_nodes()
     problem = placement_problem(spec, nodes)
     if problem:
         raise SpecError(f"one trial does not fit the cluster: {problem}")
+    device = launcher.probe_device(spec)  # a GPU job: what its workers' GPUs are (precision, kernels, memory)
+    as_run_on(spec, device)
     if check_memory and not spec.scaling.device_memory_gb:
-        launcher.check_memory(heavy, heavy_shape, nodes)
+        launcher.check_memory(as_run_on(heavy, device), heavy_shape, nodes, device)
     study = plan_study(spec, nodes, checked.plan)
 
     uri, parent = tracking.start_run(spec, data_inputs(checked.data))
