@@ -8,6 +8,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator.plan.precision import resolve
 from orchestrator.spec import JobSpec, SpecError
 
 
@@ -96,9 +97,13 @@ def eval_shard(num_examples: int, rank: int, world_size: int) -> list[int]:
     return [i if i < num_examples else -1 for i in range(rank, per_worker * world_size, world_size)]
 
 
-def deepspeed_config(spec: JobSpec, plan: BatchPlan, user_config: dict[str, Any] | None = None) -> dict[str, Any]:
+def deepspeed_config(spec: JobSpec, plan: BatchPlan, user_config: dict[str, Any] | None = None,
+                     prebuilt: frozenset[str] = frozenset()) -> dict[str, Any]:
     """The DeepSpeed config dict for the job; ``user_config`` (the JSON at deepspeed.config, read by
-    :func:`orchestrator.train.modeling.read_deepspeed_json`) wins, with our batch keys."""
+    :func:`orchestrator.train.modeling.read_deepspeed_json`) wins, with our batch keys, and its ``"auto"``
+    precision switches take the spec's. ``prebuilt``: DeepSpeed ops compiled into its installed wheel
+    (:func:`orchestrator.train.modeling.prebuilt_ops`); only those are ever used, nothing is JIT-built."""
+    spec = resolve(spec)  # precision auto: the job's kind of device (the loop passes a spec resolved for its own)
     train, ds = spec.train, spec.deepspeed
     batch = {
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
@@ -110,7 +115,10 @@ def deepspeed_config(spec: JobSpec, plan: BatchPlan, user_config: dict[str, Any]
             if user_config.get(key, "auto") not in ("auto", value):
                 raise SpecError(f"deepspeed.config: {key} is {user_config[key]} in {ds.config} but the spec "
                                 f"gives {value}; remove it from the JSON or set 'auto'")
-        return {**user_config, **batch}
+        precision = {key: {**user_config[key], "enabled": train.precision == key}
+                     for key in ("bf16", "fp16") if isinstance(user_config.get(key), dict)
+                     and user_config[key].get("enabled") == "auto"}
+        return {**user_config, **precision, **batch}
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer and ds.zero_stage > 0:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": spec.scaling.use_gpu}
@@ -123,10 +131,8 @@ def deepspeed_config(spec: JobSpec, plan: BatchPlan, user_config: dict[str, Any]
         **batch,
         "optimizer": {
             "type": "AdamW",
-            # On CPU, torch's AdamW: DeepSpeed's compiled CPU Adam would be JIT-built (a minute) on every fresh
-            # machine. DeepSpeed reads the flag from "params"; beside it, it is silently ignored.
             "params": {"lr": train.learning_rate, "weight_decay": train.weight_decay, "betas": [0.9, 0.999],
-                       "torch_adam": not spec.scaling.use_gpu},
+                       **_adam(spec, prebuilt)},
         },
         "gradient_clipping": train.max_grad_norm,
         "bf16": {"enabled": train.precision == "bf16"},
@@ -135,3 +141,33 @@ def deepspeed_config(spec: JobSpec, plan: BatchPlan, user_config: dict[str, Any]
         "steps_per_print": 10**9,  # progress is ours; keep DeepSpeed's own step logs quiet
         "wall_clock_breakdown": False,
     }
+
+
+def as_configured(spec: JobSpec, user_config: dict[str, Any] | None) -> JobSpec:
+    """The spec as DeepSpeed will run it: a user JSON's ZeRO stage, offload and precision replace the spec's
+    fields (the JSON takes precedence), so the planner, the memory check and the loop see the final config.
+    Without a JSON, the spec itself."""
+    if user_config is None:
+        return spec
+    zero = user_config.get("zero_optimization") or {}
+    offloaded = lambda key: (zero.get(key) or {}).get("device", "none") in ("cpu", "nvme")  # noqa: E731
+    enabled = {key: (user_config.get(key) or {}).get("enabled", False) for key in ("bf16", "fp16")}
+    precision = "bf16" if enabled["bf16"] is True else "fp16" if enabled["fp16"] is True else \
+        spec.train.precision if "auto" in enabled.values() else "fp32"
+    stage = int(zero.get("stage", 0))
+    deepspeed = spec.deepspeed.model_copy(update={"zero_stage": stage, "offload_params": offloaded("offload_param"),
+                                                  "offload_optimizer": offloaded("offload_optimizer")})
+    return spec.model_copy(update={"deepspeed": deepspeed,
+                                   "train": spec.train.model_copy(update={"precision": precision})})
+
+
+def _adam(spec: JobSpec, prebuilt: frozenset[str]) -> dict[str, Any]:
+    """Which AdamW DeepSpeed builds. torch's, unless the DeepSpeed op for where the optimizer steps is compiled
+    into its wheel: DeepSpeed's FusedAdam (GPU) and CPU Adam (CPU, offload) are otherwise JIT-built on first use
+    on every fresh node (a minute or more, needing nvcc), under a lock file that a worker killed mid-build leaves
+    behind, after which every start on that node waits forever. On GPU, torch's single-kernel (fused) AdamW.
+    DeepSpeed reads the flags from "params"; beside it, they are silently ignored."""
+    on_cpu = not spec.scaling.use_gpu or (spec.deepspeed.offload_optimizer and spec.deepspeed.zero_stage > 0)
+    if ("cpu_adam" if on_cpu else "fused_adam") in prebuilt:
+        return {}
+    return {"torch_adam": True, **({} if on_cpu else {"fused": True})}

@@ -12,14 +12,24 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import yaml
 
-from orchestrator.plan.batches import deepspeed_config, eval_shard, lr_multiplier, micro_batch_indices, plan_batches
+from orchestrator.plan.batches import (
+    as_configured,
+    deepspeed_config,
+    eval_shard,
+    lr_multiplier,
+    micro_batch_indices,
+    plan_batches,
+)
 from orchestrator.plan.logging_window import LogWindow, window_metrics
+from orchestrator.plan.precision import describe, problems, resolve
 from orchestrator.spec import JobSpec
 from orchestrator.tracking.runs import ADAPTER_ARTIFACT
 from orchestrator.tracking.sinks import PENDING_FILE, BufferedSink, MetricSink, MlflowSink, NullSink
+from orchestrator.train.device import local_device, use_tf32
 from orchestrator.train.modeling import (
     JOB_FILE,
     LABELS_FILE,
@@ -27,6 +37,7 @@ from orchestrator.train.modeling import (
     load_checkpoints_as_data,
     model_folder,
     parameter_counts,
+    prebuilt_ops,
     read_deepspeed_json,
     skip_shared_memory_allreduce,
 )
@@ -47,6 +58,13 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
+    device = local_device(spec.scaling.use_gpu)  # the GPU Ray's worker context made current, or the CPU
+    user_json = read_deepspeed_json(spec.deepspeed.config)
+    spec = resolve(as_configured(spec, user_json), device)  # the final DeepSpeed config's; auto -> this device's
+    wrong = problems(spec, device)  # preflight checked a probed (or assumed) device; this is the real one
+    if wrong:
+        raise RuntimeError("; ".join(wrong))
+    use_tf32(device)
     torch.manual_seed(spec.train.seed)
     if not spec.scaling.use_gpu:
         torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
@@ -63,9 +81,12 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
     trainable, total = parameter_counts(model)
     skip_shared_memory_allreduce()
     engine, *_ = deepspeed.initialize(
+        # on GPU, the device Ray's worker context made current (the worker's own GPU), not DeepSpeed's default
+        # cuda:LOCAL_RANK guess; the two agree for one whole GPU per worker, which the spec requires
+        args=SimpleNamespace(device_rank=torch.cuda.current_device()) if spec.scaling.use_gpu else None,
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(spec, plan, read_deepspeed_json(spec.deepspeed.config)),
+        config=deepspeed_config(spec, plan, user_json, prebuilt_ops()),
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_multiplier(step, plan.total_steps, plan.warmup_steps, spec.train.scheduler)),
         dist_init_required=False,
@@ -78,16 +99,18 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
         if checkpoint:
             _, client_state = engine.load_checkpoint(checkpoint, load_module_strict=False)
             start_step = client_state["step"]
-            torch.set_rng_state(client_state["torch_rng"])  # same dropout masks as an uninterrupted run
+            set_rng_state(client_state)  # same dropout masks as an uninterrupted run
     sink.log_params({"trainable_params": trainable, "total_params": total,
                      "trainable_percent": round(100 * trainable / total, 4),
                      "global_batch_size": plan.global_batch_size, "total_steps": plan.total_steps,
-                     "world_size": ctx.world_size})
+                     "world_size": ctx.world_size, "precision": precision_in_use(engine),
+                     "model_dtype": spec.model.dtype, "attn_implementation": spec.model.attn_implementation,
+                     "zero_stage": engine.zero_optimization_stage(), "device": device.name})
     sink.set_tags({"orchestrator.worker_nodes": json.dumps(nodes)})
     if start_step:
         sink.set_tags({"orchestrator.resumed_from_step": str(start_step)})
     ctx.progress({"event": "start", "step": start_step, "total": plan.total_steps, "trainable": trainable,
-                  "total_params": total})
+                  "total_params": total, "computes": describe(spec, device)})
 
     def to_device(batch: dict) -> dict:
         return {k: v.to(engine.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -109,7 +132,7 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
         return task.metrics([row for part in gathered for row in part])
 
     prompts = task.sample_prompts() if spec.model.task == "causal_lm" else []
-    zero3 = spec.deepspeed.zero_stage == 3
+    zero3 = engine.zero_optimization_stage() == 3  # the final config's stage (a user JSON may set it)
 
     def samples(step: int) -> None:
         """Completions for the fixed prompts, logged as rows of an MLflow table (rank 0; all ranks under ZeRO-3,
@@ -126,7 +149,7 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
 
     def checkpoint(step: int, metrics: dict[str, float]) -> None:
         with tempfile.TemporaryDirectory(prefix="orchestrator-ckpt-") as folder:
-            engine.save_checkpoint(folder, tag="state", client_state={"step": step, "torch_rng": torch.get_rng_state()},
+            engine.save_checkpoint(folder, tag="state", client_state={"step": step, **rng_state(engine.device)},
                                    exclude_frozen_parameters=True)
             ctx.report(metrics, folder, f"step_{step:07d}")
 
@@ -179,9 +202,8 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
         window = window.add(steps=1, seconds=time.perf_counter() - step_start)  # training time only
         done = step + 1
         if done % spec.train.log_every_steps == 0 or done == plan.total_steps:
-            sums = torch.tensor(window.sums(), dtype=torch.float64)
-            dist.all_reduce(sums)  # over workers
-            rates = window_metrics(window.summed(sums.tolist()), ctx.world_size, train_seconds)
+            rates = window_metrics(window.summed(sum_over_workers(window.sums(), engine.device)), ctx.world_size,
+                                   train_seconds)
             train_seconds = rates["train_seconds"]
             peak_mb = _peak_memory_mb(spec.scaling.use_gpu)
             metrics = {**rates, "peak_memory_mb": peak_mb, "train_memory_mb": peak_mb - before_model_mb,
@@ -221,6 +243,45 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
     return final
 
 
+def sum_over_workers(values: list[float], device) -> list[float]:
+    """Element-wise sums over every rank. The tensor is made on the engine's device: an NCCL group takes only
+    CUDA tensors, gloo CPU ones. The one tensor collective this package issues (objects travel by
+    ``all_gather_object``, which picks the device itself)."""
+    import torch
+    import torch.distributed as dist
+
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def rng_state(device) -> dict:
+    """What makes a resumed run draw the same dropout masks: the CPU generator, and the CUDA generator of the
+    worker's device (its only one: a worker trains on one GPU)."""
+    import torch
+
+    state = {"torch_rng": torch.get_rng_state(), "cuda_rng": {}}
+    if device.type == "cuda":
+        state["cuda_rng"] = {str(device): torch.cuda.get_rng_state(device)}
+    return state
+
+
+def set_rng_state(client_state: dict) -> None:
+    """Restores :func:`rng_state`'s generators; a CUDA state saved for another device index (a restarted worker
+    group placed this rank elsewhere) goes to this worker's own device."""
+    import torch
+
+    torch.set_rng_state(client_state["torch_rng"])
+    saved = client_state.get("cuda_rng") or {}
+    if saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state(next(iter(saved.values())), torch.cuda.current_device())
+
+
+def precision_in_use(engine) -> str:
+    """The mixed precision the engine runs (the final DeepSpeed config's, a user JSON's included)."""
+    return "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
+
+
 def _memory_now_mb(on_gpu: bool) -> float:
     """This worker's memory in use now: CUDA tensors on GPU, the process's resident set on CPU."""
     import torch
@@ -254,7 +315,8 @@ def save_adapter(engine, spec: JobSpec, tokenizer, label_names: list[str] | None
     trainable = [p for p in model.parameters() if p.requires_grad]
     names = {id(p): n for n, p in model.named_parameters()}
     target = Path(spec.output_dir, ADAPTER_DIR)
-    with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None, enabled=spec.deepspeed.zero_stage == 3):
+    zero3 = engine.zero_optimization_stage() == 3  # the final config's stage, not the spec's field
+    with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None, enabled=zero3):
         if rank == 0:
             state = {names[id(p)]: p.detach().to("cpu", copy=True) for p in trainable}
     if rank != 0:

@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from orchestrator.plan.precision import resolve
 from orchestrator.spec import PACKAGE_PREFIX, JobSpec, LoraSpec, ModelSpec, SpecError
 
 LABELS_FILE = "labels.json"  # saved beside every adapter: the label names, in the head's order
@@ -110,6 +111,14 @@ def read_deepspeed_json(path: str | None) -> dict | None:
     if not isinstance(config, dict):
         raise SpecError(f"deepspeed.config: {path} must hold a JSON object")
     return config
+
+
+def prebuilt_ops() -> frozenset[str]:
+    """DeepSpeed's compiled ops that its installed wheel carries (``DS_BUILD_OPS=1`` builds); the rest would be
+    JIT-compiled on first use, on every fresh machine, under a lock file a killed worker leaves behind."""
+    from deepspeed.git_version_info import installed_ops
+
+    return frozenset(name for name, built in installed_ops.items() if built)
 
 
 def skip_shared_memory_allreduce() -> None:
@@ -242,6 +251,7 @@ def build_peft_model(spec: JobSpec, label_names: list[str] | None):
     import torch
     from peft import PeftModel, get_peft_model
 
+    spec = resolve(spec)  # the loop passes a spec already resolved for its device; auto means that device's kind
     folder = model_folder(spec.model)
     causal = spec.model.task == "causal_lm"
     options = {"dtype": getattr(torch, _DTYPES[spec.model.dtype]), "trust_remote_code": spec.model.trust_remote_code,
@@ -280,7 +290,8 @@ def build_peft_model(spec: JobSpec, label_names: list[str] | None):
 
 
 def _four_bit(spec: JobSpec):
-    """QLoRA's base: NF4 weights with double-quantised scales, computing in bf16 (Dettmers et al. 2023)."""
+    """QLoRA's base: NF4 weights with double-quantised scales, computing in bf16 (Dettmers et al. 2023; fp16 on a
+    GPU without bf16)."""
     import torch
 
     try:
@@ -290,7 +301,8 @@ def _four_bit(spec: JobSpec):
         raise SpecError("method.name: qlora needs bitsandbytes on the workers (pip install bitsandbytes) and "
                         "CUDA GPUs") from None
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+                              bnb_4bit_compute_dtype=torch.float16 if resolve(spec).train.precision == "fp16"
+                              else torch.bfloat16)
 
 
 def _checkpoint_activations(base) -> None:

@@ -46,6 +46,10 @@ class LocalContext:
                 probe.bind(("127.0.0.1", 0))
                 port = probe.getsockname()[1]
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+            if backend == "nccl":  # what Ray's worker context does: the worker's GPU is the current device
+                import torch
+
+                torch.cuda.set_device(0)
             dist.init_process_group(backend, rank=0, world_size=1)
 
     @contextmanager
