@@ -4,10 +4,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.tiny import tiny_job, tiny_lm_job, write_tiny_data, write_tiny_llama, write_tiny_lm_data, write_tiny_model
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")  # the GPU check: CUDA
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
@@ -18,8 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

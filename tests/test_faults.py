@@ -23,13 +23,28 @@ print(json.dumps(train_worker(spec, LocalContext(sys.argv[2]), None, None)))
 """
 
 
-@pytest.mark.parametrize("deepspeed", [{"zero_stage": 2}, {"zero_stage": 2, "offload_optimizer": True}],
-                         ids=["zero2", "zero2-offload"])  # ZeRO-3 picks its optimizer the same way
-def test_a_lock_left_by_a_killed_worker_does_not_block_training_on_cpu(job, tmp_path, deepspeed):
+# DeepSpeed's JIT-built ops a training job could load: CPU Adam, the shared-memory all-reduce, and the GPU ones
+OPS = ["cpu_adam", "deepspeed_shm_comm", "fused_adam", "fused_lamb", "fused_lion", "transformer", "quantizer"]
+
+
+@pytest.mark.parametrize("deepspeed", [{"zero_stage": 2}, {"zero_stage": 2, "offload_optimizer": True}, "gpu"],
+                         ids=["zero2", "zero2-offload", "gpu-job-optimizer"])  # ZeRO-3 picks its optimizer alike
+def test_a_lock_left_by_a_killed_worker_does_not_block_training(job, tmp_path, deepspeed):
     # torch's JIT extension loader takes <extensions>/<op>/lock on every load and waits forever while it
-    # exists; a worker killed inside that window leaves it behind. Training on CPU must load no such op.
+    # exists; a worker killed inside that window leaves it behind. Training must load no such op. "gpu": the
+    # optimizer a GPU job's DeepSpeed config names (DeepSpeed's FusedAdam would load fused_adam), run here on
+    # CPU through a DeepSpeed JSON.
+    if deepspeed == "gpu":
+        from orchestrator.plan.batches import deepspeed_config, plan_batches
+        from orchestrator.spec import spec_from_dict
+
+        gpu = spec_from_dict(job(scaling={"use_gpu": True}))
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0,
+                                    "optimizer": deepspeed_config(gpu, plan_batches(gpu, 192))["optimizer"]}))
+        deepspeed = {"config": str(path)}
     extensions = tmp_path / "torch_extensions"  # with TORCH_EXTENSIONS_DIR set, op folders sit right in it
-    ops = ["cpu_adam", "deepspeed_shm_comm", "fused_adam"]
+    ops = OPS
     for op in ops:
         (extensions / op).mkdir(parents=True)
         (extensions / op / "lock").touch()
