@@ -142,7 +142,7 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
         shown = [readable for readable, _ in prompts]
         texts = generate(engine.module, tokenizer, [rendered for _, rendered in prompts],
                          spec.generation.max_new_tokens, add_special_tokens=not task.prompts_have_special_tokens,
-                         synced=zero3)
+                         synced=zero3, device=engine.device)
         if ctx.rank == 0:
             sink.log_table({"step": [step] * len(texts), "prompt": shown, "completion": texts}, SAMPLES_TABLE)
             ctx.progress({"event": "samples", "step": step, "samples": list(zip(shown, texts))})

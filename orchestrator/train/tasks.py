@@ -163,9 +163,11 @@ def load_data(spec: JobSpec):
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, add_special_tokens: bool = True,
-             synced: bool = False) -> list[str]:
+             synced: bool = False, device=None) -> list[str]:
     """Greedy completions, one prompt at a time (no padding subtleties; a handful of prompts). ``synced``: every
-    ZeRO-3 rank must run the same forward passes, as their parameters are partitioned."""
+    ZeRO-3 rank must run the same forward passes, as their parameters are partitioned. ``device``: where the
+    inputs go (training: the engine's; default, the first parameter's, which is the CPU under ZeRO-3 parameter
+    offload while the forward pass runs on the GPU)."""
     import torch
 
     completions = []
@@ -174,9 +176,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, add_spec
     with torch.no_grad():
         for prompt in prompts:
             ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens)
-            device = next(model.parameters()).device
-            out = model.generate(input_ids=ids["input_ids"].to(device),
-                                 attention_mask=ids["attention_mask"].to(device), max_new_tokens=max_new_tokens,
+            where = device or next(model.parameters()).device
+            out = model.generate(input_ids=ids["input_ids"].to(where),
+                                 attention_mask=ids["attention_mask"].to(where), max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
                                  use_cache=True, synced_gpus=synced)
             completions.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
