@@ -24,7 +24,7 @@ print(json.dumps(train_worker(spec, LocalContext(sys.argv[2]), None, None)))
 
 
 # DeepSpeed's JIT-built ops a training job could load: CPU Adam, the shared-memory all-reduce, and the GPU ones
-OPS = ["cpu_adam", "deepspeed_shm_comm", "fused_adam", "fused_lamb", "fused_lion", "transformer", "quantizer"]
+OPS = sorted(["cpu_adam", "deepspeed_shm_comm", "fused_adam", "fused_lamb", "fused_lion", "quantizer", "transformer"])
 
 
 @pytest.mark.parametrize("deepspeed", [{"zero_stage": 2}, {"zero_stage": 2, "offload_optimizer": True}, "gpu"],

@@ -59,6 +59,7 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
     from transformers import AutoTokenizer
 
     device = local_device(spec.scaling.use_gpu)  # the GPU Ray's worker context made current, or the CPU
+    given = spec  # what the adapter's saved job records: the user's spec (auto stays auto; the run logs the rest)
     user_json = read_deepspeed_json(spec.deepspeed.config)
     spec = resolve(as_configured(spec, user_json), device)  # the final DeepSpeed config's; auto -> this device's
     wrong = problems(spec, device)  # preflight checked a probed (or assumed) device; this is the real one
@@ -157,9 +158,9 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
         """The final metrics with the test split's added, and the adapter saved (every rank joins both)."""
         if spec.data.test is not None:
             final = {**final, **{f"test_{k}": v for k, v in evaluate("test").items()}}
-        saved = spec
+        saved = given
         if spec.model.task == "causal_lm":  # the adapter's saved job names the format it was trained on
-            saved = spec.model_copy(update={"data": spec.data.model_copy(update={"format": task.data.format})})
+            saved = given.model_copy(update={"data": given.data.model_copy(update={"format": task.data.format})})
         return final, save_adapter(engine, saved, tokenizer, task.label_names, ctx.rank)
 
     # ------------------------------------------------------------------ a rerun of a finished job
