@@ -161,6 +161,13 @@ def as_configured(spec: JobSpec, user_config: dict[str, Any] | None) -> JobSpec:
                                    "train": spec.train.model_copy(update={"precision": precision})})
 
 
+def as_run(spec: JobSpec, user_config: dict[str, Any] | None, device=None) -> JobSpec:
+    """The spec as the workers run it on ``device`` (:class:`orchestrator.plan.precision.Device`; default, the
+    job's kind of device): the final DeepSpeed config's settings (:func:`as_configured`), then precision ``auto``
+    resolved (:func:`orchestrator.plan.precision.resolve`). Preflight and the loop both ask this."""
+    return resolve(as_configured(spec, user_config), device)
+
+
 def _adam(spec: JobSpec, prebuilt: frozenset[str]) -> dict[str, Any]:
     """Which AdamW DeepSpeed builds. torch's, unless the DeepSpeed op for where the optimizer steps is compiled
     into its wheel: DeepSpeed's FusedAdam (GPU) and CPU Adam (CPU, offload) are otherwise JIT-built on first use

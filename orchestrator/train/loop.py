@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import yaml
 
 from orchestrator.plan.batches import (
-    as_configured,
+    as_run,
     deepspeed_config,
     eval_shard,
     lr_multiplier,
@@ -25,7 +25,7 @@ from orchestrator.plan.batches import (
     plan_batches,
 )
 from orchestrator.plan.logging_window import LogWindow, window_metrics
-from orchestrator.plan.precision import describe, problems, resolve
+from orchestrator.plan.precision import describe, problems
 from orchestrator.spec import JobSpec
 from orchestrator.tracking.runs import ADAPTER_ARTIFACT
 from orchestrator.tracking.sinks import PENDING_FILE, BufferedSink, MetricSink, MlflowSink, NullSink
@@ -61,7 +61,7 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
     device = local_device(spec.scaling.use_gpu)  # the GPU Ray's worker context made current, or the CPU
     given = spec  # what the adapter's saved job records: the user's spec (auto stays auto; the run logs the rest)
     user_json = read_deepspeed_json(spec.deepspeed.config)
-    spec = resolve(as_configured(spec, user_json), device)  # the final DeepSpeed config's; auto -> this device's
+    spec = as_run(spec, user_json, device)  # the final DeepSpeed config's settings; auto -> this device's
     wrong = problems(spec, device)  # preflight checked a probed (or assumed) device; this is the real one
     if wrong:
         raise RuntimeError("; ".join(wrong))

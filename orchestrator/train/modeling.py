@@ -289,7 +289,7 @@ def build_peft_model(spec: JobSpec, label_names: list[str] | None):
     return get_peft_model(base, peft_config(spec))
 
 
-def _four_bit(spec: JobSpec):
+def _four_bit(spec: JobSpec):  # spec: resolved (build_peft_model)
     """QLoRA's base: NF4 weights with double-quantised scales, computing in bf16 (Dettmers et al. 2023; fp16 on a
     GPU without bf16)."""
     import torch
@@ -301,7 +301,7 @@ def _four_bit(spec: JobSpec):
         raise SpecError("method.name: qlora needs bitsandbytes on the workers (pip install bitsandbytes) and "
                         "CUDA GPUs") from None
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.float16 if resolve(spec).train.precision == "fp16"
+                              bnb_4bit_compute_dtype=torch.float16 if spec.train.precision == "fp16"
                               else torch.bfloat16)
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.plan.batches import BatchPlan, as_configured, deepspeed_config, plan_batches
-from orchestrator.plan.precision import Device, default_device, describe, problems, resolve
+from orchestrator.plan.batches import BatchPlan, as_run, deepspeed_config, plan_batches
+from orchestrator.plan.precision import Device, default_device, describe, problems
 from orchestrator.spec import JobSpec, SpecError
 from orchestrator.train.modeling import (
     check_adapter_labels,
@@ -77,7 +77,7 @@ def check_device(spec: JobSpec, user_json: dict | None, device: Device | None) -
     from orchestrator.train.shape import attention_support
 
     device = device or default_device(spec)
-    planned = resolve(as_configured(spec, user_json), device)
+    planned = as_run(spec, user_json, device)
     wrong = problems(planned, device, attention_support(spec))
     if wrong:
         raise SpecError("; ".join(wrong))
