@@ -7,8 +7,8 @@
 #   cluster/local_cluster.sh stop
 #
 # Environment: RAY_CLUSTER_DIR (state folder, default ./.ray-local), RAY_GCS_PORT (6390),
-# RAY_DASHBOARD_PORT (8299), RAY_TMP_DIR (Ray's session files, default /tmp/ray-local-GCS_PORT). The dashboard and
-# job API listen on 127.0.0.1 only.
+# RAY_DASHBOARD_PORT (8299), RAY_TMP_DIR (Ray's session files, default /tmp/ray-local-GCS_PORT; the second
+# node's are in RAY_TMP_DIR-2). The dashboard and job API listen on 127.0.0.1 only.
 set -euo pipefail
 
 DIR=${RAY_CLUSTER_DIR:-$PWD/.ray-local}
@@ -37,7 +37,12 @@ start() {
     $(agent_ports) "${common[@]}" > "$DIR/head.log" 2>&1 &
   echo $! > "$DIR/head.pid"
   wait_for "head" "$RAY status --address 127.0.0.1:$GCS_PORT"
-  "$RAY" start --address "127.0.0.1:$GCS_PORT" --resources '{"node_worker": 1}' $(agent_ports) "${common[@]}" \
+  # The second node gets its own temp dir, as a second machine would have its own disk. Sharing the head's, its
+  # runtime-env agent unpacks a submitted job's working_dir into the same folder the head's agent did, and Ray
+  # unpacks with overwrite=True (ray/_private/runtime_env/working_dir.py): the folder is deleted and rewritten
+  # under the running job, which then finds its model folder without config.json.
+  "$RAY" start --address "127.0.0.1:$GCS_PORT" --resources '{"node_worker": 1}' --temp-dir "$TMP_DIR-2" \
+    $(agent_ports) "${common[@]}" \
     > "$DIR/worker.log" 2>&1 &
   echo $! > "$DIR/worker.pid"
   wait_for "second node" "nodes_alive 2"

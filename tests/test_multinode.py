@@ -56,6 +56,20 @@ def test_the_dashboard_and_job_api_listen_on_loopback_only(two_nodes):
     assert listening == {"127.0.0.1"}, listening
 
 
+def test_each_node_unpacks_jobs_in_its_own_folder(two_nodes):
+    """Ray unpacks a job's working_dir on every node it runs on, deleting the folder first (overwrite=True): two
+    raylets sharing one temp dir would rewrite the folder under the running job (seen as a model folder without
+    config.json). Separate machines have separate disks; the local cluster gives each node its own temp dir."""
+    probe = (f"import json, ray; ray.init(address={two_nodes['gcs']!r}, logging_level='ERROR', log_to_driver=False); "
+             "print(json.dumps([n['RayletSocketName'] for n in ray.nodes() if n['Alive']]))")
+    done = subprocess.run([sys.executable, "-c", probe], env=two_nodes["env"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    sockets = json.loads(done.stdout.strip().splitlines()[-1])
+    roots = {Path(socket).parents[2] for socket in sockets}  # TEMP_DIR/session_.../sockets/raylet
+    assert len(sockets) == 2 and len(roots) == 2, sockets
+
+
 def test_submit_trains_with_one_worker_on_each_node(two_nodes, tmp_path, tiny_model, tiny_data, mlflow_server):
     import shutil
 
