@@ -24,6 +24,7 @@ from orchestrator.cli import composition, planning, registry, schema, serving, s
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_KEPT", "EXIT_UNRECORDED", "build_parser", "main"]
 
+from orchestrator.cli.arguments import PROGRESS_EVERY_S
 from orchestrator.cli.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_KEPT, EXIT_UNRECORDED
 
 # In the order `orchestrator --help` lists their commands.
@@ -68,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     _quiet(args.verbose)
+    from orchestrator.workflows import console
+
+    # Once per command: every console the workflows build (retrain's train and tune too) reads this choice.
+    console.configure(getattr(args, "log_format", "auto"), getattr(args, "progress_every", PROGRESS_EVERY_S))
     if argv is None:  # the command itself, not a caller's main([...]) (a caller keeps its own SIGTERM handling)
         signal.signal(signal.SIGTERM, _raise_terminated)
     from orchestrator.runtime.launcher import TrainingFailed

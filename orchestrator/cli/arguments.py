@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["adapter_arguments", "job_arguments"]
+__all__ = ["adapter_arguments", "job_arguments", "output_arguments"]
+
+PROGRESS_EVERY_S = 30.0  # a line per half minute: a 2-hour run logs ~240 progress lines
 
 
 def adapter_arguments(command: argparse.ArgumentParser) -> None:
@@ -30,3 +32,22 @@ def job_arguments(command: argparse.ArgumentParser, job_help: str, memory_check:
     if memory_check:
         command.add_argument("--skip-memory-check", action="store_true",
                              help="launch even when the memory estimate exceeds a worker's device")
+
+
+def output_arguments(command: argparse.ArgumentParser) -> None:
+    """Adds how a long command shows its progress: --log-format, --progress-every."""
+    command.add_argument("--log-format", choices=("auto", "rich", "plain", "json"), default="auto",
+                         help="auto (default): a live progress bar / trial table on a terminal, timestamped lines "
+                              "otherwise (pod logs, cron mail, CI); plain: those lines on a terminal too; json: one "
+                              "JSON object per event on stderr, for log shippers")
+    command.add_argument("--progress-every", type=_seconds, default=PROGRESS_EVERY_S, metavar="SECONDS",
+                         help=f"plain/json: at most one training-progress line per SECONDS (default "
+                              f"{PROGRESS_EVERY_S:g}; 0: every step logged); evaluations, trial events, warnings, "
+                              "start and end always get their line")
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"seconds >= 0, not {text}")
+    return value

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from orchestrator.cli.arguments import job_arguments
+from orchestrator.cli.arguments import job_arguments, output_arguments
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -16,6 +16,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                                  "no early stopping): share of parameters trained, peak memory per worker, wall "
                                  "time and the task metric, also relative to full fine-tuning.")
     job_arguments(versus, "job YAML file", memory_check=True)
+    output_arguments(versus)
     versus.add_argument("--methods", default="full,lora:r=8,lora:r=16,prefix,prompt,ia3",
                         help="comma-separated: full, lora, qlora, ia3, prompt, prefix, each with options after "
                              "colons: r, alpha, lr, tokens (e.g. lora:r=16:lr=1e-3)")

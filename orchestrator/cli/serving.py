@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from orchestrator.cli.arguments import adapter_arguments
+from orchestrator.cli.arguments import adapter_arguments, output_arguments
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -29,6 +29,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                             "a models:/ adapter's version is tagged with them")
     score.add_argument("--experiment", default="evaluations", help="MLflow experiment for --log-to-mlflow")
     adapter_arguments(score)
+    output_arguments(score)
     score.set_defaults(handler=_eval)
     guess = commands.add_parser("predict", help="batch inference with an adapter: labels and scores, or completions",
                                 description="Reads JSONL/CSV/Parquet, writes JSONL: each input row plus label, score "
@@ -73,9 +74,14 @@ def _generate(args) -> int:
 def _eval(args) -> int:
     from orchestrator.serve.evaluation import evaluate_file
     from orchestrator.serve.inference import load_adapter
+    from orchestrator.workflows.console import milestone
 
+    milestone("start", f"eval start: {args.adapter} on {args.data}", adapter=args.adapter, data=args.data)
     result = evaluate_file(load_adapter(args.adapter, args.base, args.tracking_uri), args.data, args.out,
                            args.batch_size)
+    scalars = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    milestone("end", f"eval done: {result['examples']} examples  " + "  ".join(
+        f"{k} {v:.4f}" for k, v in scalars.items() if isinstance(v, float)), status="finished", **scalars)
     shown = ("accuracy", "macro_f1", "loss") if "accuracy" in result else ("loss", "perplexity")
     print(f"{args.data}: {result['examples']} examples  " + "  ".join(f"{k} {result[k]:.4f}" for k in shown))
     for row in result.get("per_class", []):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from orchestrator.cli.arguments import job_arguments
+from orchestrator.cli.arguments import job_arguments, output_arguments
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -13,16 +13,20 @@ def register(commands: argparse._SubParsersAction) -> None:
                                 ("validate", _validate, "check a job file, its data and model; starts no Ray")):
         command = commands.add_parser(name, help=text, description=text)
         job_arguments(command, "job YAML file", memory_check=name == "train")
+        if name == "train":
+            output_arguments(command)
         command.set_defaults(handler=handler)
     search = commands.add_parser("tune", help="search LoRA hyperparameters with Ray Tune (ASHA early stopping)",
                                  description="Run the job's tune section: one Ray Train job per trial.")
     job_arguments(search, "job YAML file with a tune section", memory_check=True)
+    output_arguments(search)
     search.add_argument("--resume", action="store_true", help="continue a study whose driver stopped")
     search.set_defaults(handler=_tune)
     again = commands.add_parser("retrain", help="train a challenger on the newest data snapshot; promote it to "
                                 "champion only if it beats the champion (exit 0 promoted, 3 kept)",
                                 description="What a schedule runs. Idempotent per data snapshot.")
     job_arguments(again, "job YAML file with a retrain section")
+    output_arguments(again)
     again.set_defaults(handler=_retrain)
 
 

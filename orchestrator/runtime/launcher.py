@@ -115,6 +115,43 @@ def connect(verbose: bool = False) -> None:
         os.chdir(here)
 
 
+@contextmanager
+def driver_messages(on_notice: Callable[[str], object] | None, verbose: bool = False) -> Iterator[None]:
+    """While inside, what Ray itself prints on this driver reaches ``on_notice(text)`` (one call per message,
+    raw: the caller strips and deduplicates) instead of the terminal: the raylet's messages (a worker died, was
+    killed for memory) and the ERROR records of Ray's loggers (their first line; the traceback stays behind
+    ``-v``). Verbose, or ``on_notice`` None: Ray prints as it does by default."""
+    if verbose or on_notice is None:
+        yield
+        return
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # where the shortcuts are off, Ray prints them, uncoloured
+    routed = shortcuts.route_driver_messages(on_notice)
+    records = _RecordsTo(on_notice)
+    handlers = logging.getLogger("ray").handlers
+    for handler in handlers:
+        handler.addFilter(records)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(records)
+        if routed:
+            shortcuts.route_driver_messages(None)
+
+
+class _RecordsTo(logging.Filter):
+    """A handler filter: a record of Ray's loggers goes to ``on_notice`` (its first line), not to the handler."""
+
+    def __init__(self, on_notice: Callable[[str], object]):
+        super().__init__()
+        self._on_notice = on_notice
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            self._on_notice(record.getMessage().strip().splitlines()[0] if record.getMessage().strip() else "")
+        return False
+
+
 def cluster_nodes() -> list[dict[str, float]]:
     """Total resources of each live node."""
     import ray

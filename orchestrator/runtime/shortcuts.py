@@ -292,3 +292,28 @@ def _backend_class():
                 logging.getLogger(__name__).warning("torch process group shutdown timed out after %s s", timeout_s)
 
     return TorchProcessGroupBackend
+
+
+def route_driver_messages(handler) -> bool:
+    """Sends the messages Ray prints on the driver from its error channel (the raylet's "A worker died or was
+    killed..." paragraph, out-of-memory kills, autoscaler events: Ray prints them raw, in colour, to stdout) to
+    ``handler(text)`` instead; ``handler=None`` puts Ray's printer back. Returns False, changing nothing, where
+    the shortcuts are off: Ray then prints them itself (uncoloured when RAY_COLOR_PREFIX=0)."""
+    if not enabled():
+        return False
+    from ray._private import worker
+
+    original = getattr(worker.print_to_stdstream, "ray_printer", worker.print_to_stdstream)
+    if handler is None:
+        worker.print_to_stdstream = original
+        return True
+
+    def routed(data, ignore_prefix):
+        if data.get("pid") not in ("raylet", "autoscaler"):  # a worker's own output (-v): Ray prints it
+            return original(data, ignore_prefix)
+        for line in data.get("lines", []):
+            handler(line)
+
+    routed.ray_printer = original
+    worker.print_to_stdstream = routed
+    return True

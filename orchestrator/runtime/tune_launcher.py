@@ -166,9 +166,20 @@ def _events_class():
             self._send("complete", trial, {})
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self._send("error", trial, {})
+            self._send("error", trial, {"error": _trial_error(trial)})
 
     return Events
+
+
+def _trial_error(trial) -> str:
+    """The failed trial's error as :func:`orchestrator.runtime.launcher.worker_error` tells it (its last line)."""
+    from orchestrator.runtime.launcher import worker_error
+
+    try:
+        error = trial.get_pickled_error() or trial.get_error()
+    except Exception:  # noqa: BLE001 - the error file is unreadable: the summary still has the error
+        return "error (see the trial's error file)"
+    return worker_error(error) if error is not None else "error"
 
 
 _resume_handler: list = []  # the handler a restored study's Events take (set by run_search before the restore)

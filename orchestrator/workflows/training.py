@@ -8,7 +8,7 @@ from pathlib import Path
 
 from orchestrator.spec import JobSpec
 from orchestrator.train.loop import ADAPTER_DIR
-from orchestrator.workflows.console import TrainingConsole
+from orchestrator.workflows.console import TrainingConsole, training_console
 from orchestrator.workflows.preflight import as_run_on, preflight
 
 
@@ -48,9 +48,9 @@ def train(spec: JobSpec, verbose: bool = False, console: TrainingConsole | None 
     uri, run_id = tracking.start_run(spec, data_inputs(checked.data))
     sinks.deliver_pending(uri, run_id, spec.output_dir)  # what an earlier run could not deliver
     status = "FAILED"
-    console = console or TrainingConsole()
+    console = console or training_console()  # rich on a terminal, else lines (workflows.console.configure)
     try:
-        with console:
+        with console, launcher.driver_messages(getattr(console, "notice", None), verbose):
             metrics = launcher.run_training(spec, uri, run_id, console, verbose)
         status = "FINISHED"
     except KeyboardInterrupt:

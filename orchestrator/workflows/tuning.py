@@ -11,18 +11,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.plan.batches import plan_batches
 from orchestrator.plan.search import (
     FAILED,
     RankAdvice,
     TrialOutcome,
     best_finished,
+    classify,
     plan_study,
     rank_advice,
     trial_outcome,
 )
 from orchestrator.spec import JobSpec, SpecError
-from orchestrator.spec.space import VARIANT
-from orchestrator.workflows.console import StudyConsole
+from orchestrator.spec.space import VARIANT, trial_spec
+from orchestrator.workflows.console import StudyConsole, study_console
 from orchestrator.workflows.preflight import as_run_on, preflight
 from orchestrator.workflows.training import data_inputs, with_local_adapter
 
@@ -100,20 +102,26 @@ def tune(spec: JobSpec, resume: bool = False, verbose: bool = False, console: St
 
     uri, parent = tracking.start_run(spec, data_inputs(checked.data))
     metric, mode = spec.tune.metric, spec.tune.direction()
-    console = console or StudyConsole(metric, mode)
-    console.console.print(study.sentence(spec))
+    console = console or study_console(metric, mode)  # rich on a terminal, else lines (workflows.console.configure)
+    console.note(study.sentence(spec))
     status = "FAILED"
     started, ended = {}, {}  # trial id -> monotonic seconds, for trials run by this driver
+    steps: dict[str, int] = {}  # trial id -> the last step it reported
 
     def on_event(kind: str, trial_id: str, config: dict, data: dict) -> None:
         if kind == "start":
             started.setdefault(trial_id, time.monotonic())
+        elif kind == "result" and "step" in data:
+            steps[trial_id] = int(data["step"])
         elif kind in ("complete", "error"):
             ended[trial_id] = time.monotonic()
+        if kind == "complete":  # finished, or stopped by the scheduler before its last step
+            total = plan_batches(trial_spec(spec, config, spec.output_dir, trial_id), checked.train_rows).total_steps
+            data = {**data, "status": classify(steps.get(trial_id, 0), total, False)}
         console(kind, trial_id, config, data)
 
     try:
-        with console:
+        with console, launcher.driver_messages(getattr(console, "notice", None), verbose):
             records = tune_launcher.run_search(spec, tracking_uri=uri, parent_run_id=parent,
                                                concurrency=study.concurrency, max_intervals=study.max_intervals,
                                                on_event=on_event, resume=resume, verbose=verbose)
