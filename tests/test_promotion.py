@@ -8,6 +8,8 @@ from orchestrator.plan.promotion import FIRST, KEPT, PROMOTED, decide, pick_snap
 from orchestrator.spec import RetrainSpec, SnapshotSpec, SpecError, spec_from_dict
 from orchestrator.tracking.registry import Ref, RegistryError, parse_ref
 from orchestrator.train.data import resolve_snapshot
+from orchestrator.train.lm_data import prompt_text, reference_text
+from orchestrator.train.metrics import generation_metrics
 from tests.tiny import write_tiny_data
 
 DATES = ["2026-09-30", "2026-11-01", "2026-10-15", "notes", "2026-11-01-partial.tmp"]
@@ -118,3 +120,63 @@ def test_retrain_and_registry_spec_errors_name_the_field(job, sections, field):
     with pytest.raises(SpecError, match=field) as error:
         spec_from_dict(job(**sections))
     assert "s3cret" not in str(error.value)
+
+
+@pytest.mark.parametrize(("task", "metric", "accepted"), [
+    ("causal_lm", "eval_loss", True), ("causal_lm", "eval_perplexity", True), ("causal_lm", "exact_match", True),
+    ("causal_lm", "contains", True), ("causal_lm", "accuracy", False), ("causal_lm", "loss", False),
+    ("sequence_classification", "exact_match", False), ("sequence_classification", "eval_loss", False),
+    ("sequence_classification", "macro_f1", True),
+])
+def test_the_gate_metric_must_be_one_the_task_has(job, task, metric, accepted):
+    raw = job(model={"task": task}, retrain={"data": {"root": "/x"}, "metric": metric})
+    if accepted:
+        assert spec_from_dict(raw).retrain.metric == metric
+        return
+    with pytest.raises(SpecError, match=f"retrain.metric: a {task} job has no {metric}"):
+        spec_from_dict(raw)
+
+
+@pytest.mark.parametrize(("task", "default"), [("causal_lm", "eval_loss"), ("sequence_classification", "accuracy")])
+def test_the_gate_metric_defaults_to_one_the_task_has(job, task, default):
+    assert spec_from_dict(job(model={"task": task}, retrain={"data": {"root": "/x"}})).retrain.metric == default
+
+
+@pytest.mark.parametrize("metric", ["exact_match", "contains"])
+def test_a_generation_gate_on_text_data_is_refused(job, metric):
+    raw = job(model={"task": "causal_lm"}, data={"format": "text"}, retrain={"data": {"root": "/x"}, "metric": metric})
+    with pytest.raises(SpecError, match="retrain.metric: .*text data has no reference completions"):
+        spec_from_dict(raw)
+
+
+@pytest.mark.parametrize(("metric", "challenger", "champion", "outcome"), [
+    ("eval_loss", 1.20, 1.30, PROMOTED), ("eval_loss", 1.29, 1.30, KEPT),  # lower is better, by the margin
+    ("eval_perplexity", 3.0, 3.5, PROMOTED), ("eval_perplexity", 3.6, 3.5, KEPT),
+    ("exact_match", 0.75, 0.70, PROMOTED), ("exact_match", 0.72, 0.70, KEPT),  # higher is better
+    ("contains", 0.90, 0.80, PROMOTED), ("contains", 0.70, 0.80, KEPT),
+])
+def test_causal_lm_gate_directions(metric, challenger, champion, outcome):
+    assert decide(rule(metric=metric, margin=0.05), challenger, champion, "1").outcome == outcome
+
+
+def test_generation_metrics_compare_whitespace_normalised_text():
+    completions = ["  topic :\nbilling ", "topic : billing, I think", "Topic : billing", "topic : login"]
+    references = ["topic : billing"] * 4
+    scores = generation_metrics(completions, references)
+    assert scores == {"exact_match": 0.25, "contains": 0.5}  # case counts; extra words fail exact_match only
+    assert generation_metrics([], []) == {"exact_match": 0.0, "contains": 0.0}
+    with pytest.raises(ValueError):
+        generation_metrics(["a"], [])  # a completion without its reference is a bug, not a miss
+
+
+def test_held_out_prompts_leave_out_the_reference_answer(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    chat = {"messages": [{"role": "user", "content": "question : my invoice"},
+                         {"role": "assistant", "content": "topic : billing"}]}
+    assert reference_text(chat) == "topic : billing" and "billing" not in prompt_text(chat, tokenizer)
+    assert prompt_text(chat, tokenizer).endswith("<|im_start|>assistant\n")  # as training renders the turn
+    pair = {"prompt": "question : my invoice answer :", "completion": " topic : billing"}
+    assert (prompt_text(pair, tokenizer), reference_text(pair)) == (pair["prompt"], pair["completion"])
+    assert reference_text({"text": "question : my invoice topic : billing"}) is None

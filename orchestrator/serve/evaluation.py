@@ -55,6 +55,68 @@ def evaluate_adapter(folder: str, base_model: str, split: Split, label_names: li
     return {**result, "loss": sum(losses) / max(len(losses), 1)}
 
 
+def lm_loss(model, tokenizer, split, data, batch_size: int = 8, advance=None) -> tuple[dict[str, float], int, int]:
+    """Token-weighted loss and perplexity of a causal LM over ``split``'s trained tokens, masked as training
+    masks them (``data``: the DataSpec the rows were trained with), in batches of ``batch_size`` rows: only one
+    batch's float32 logits exist at a time. Returns (metrics, rows scored, rows with no trained token left).
+    ``advance(rows)`` is called after each batch (a progress bar)."""
+    import torch
+
+    from orchestrator.train.lm_data import collate, encode_split
+    from orchestrator.train.tasks import lm_eval_rows, lm_metrics
+
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of attention and loss
+    device = next(model.parameters()).device
+    rows, dropped = encode_split(split, tokenizer, data)
+    sums = []
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            batch = collate(rows[start:start + batch_size], tokenizer.pad_token_id, isolated=False)
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            sums += lm_eval_rows(model(**batch).logits, batch)
+            if advance is not None:
+                advance(len(batch["input_ids"]))
+    return lm_metrics(sums), len(rows), dropped
+
+
+def held_out_completions(model, tokenizer, split, max_new_tokens: int) -> tuple[list[str], list[str]]:
+    """Greedy completions of every held-out prompt (rendered as training renders it, without the answer:
+    :func:`~orchestrator.train.lm_data.prompt_text`), at most ``max_new_tokens`` each, and the references.
+
+    Raises:
+        SpecError: naming retrain.metric, when the rows have no reference completion (text data).
+    """
+    from orchestrator.train.lm_data import prompt_text, reference_text
+    from orchestrator.train.tasks import generate
+
+    references = [reference_text(r) for r in split.records]
+    if any(r is None for r in references):
+        raise SpecError(f"retrain.metric: {split.source} is text data, with no reference completion to compare a "
+                        "generated one with; use prompt_completion or chat data, or retrain.metric: eval_loss")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    completions = []
+    for record in split.records:  # a chat prompt holds the template's special tokens already
+        completions += generate(model, tokenizer, [prompt_text(record, tokenizer)], max_new_tokens,
+                                add_special_tokens="messages" not in record)
+    return completions, references
+
+
+def evaluate_lm(loaded, split, data, max_new_tokens: int | None = None, batch_size: int = 8) -> dict[str, float]:
+    """What the retrain gate compares for a causal LM adapter (a :class:`~orchestrator.serve.inference.LoadedAdapter`)
+    on the held-out ``split``: eval_loss and eval_perplexity over the trained tokens (``data``: the job's DataSpec,
+    so champion and challenger are masked and truncated alike), and with ``max_new_tokens``, exact_match and
+    contains of the greedy completions (:func:`~orchestrator.train.metrics.generation_metrics`)."""
+    from orchestrator.train.metrics import generation_metrics
+
+    metrics, _, _ = lm_loss(loaded.model, loaded.tokenizer, split, data, batch_size)
+    result = {"eval_loss": metrics["loss"], "eval_perplexity": metrics["perplexity"]}
+    if max_new_tokens is not None:
+        result.update(generation_metrics(*held_out_completions(loaded.model, loaded.tokenizer, split, max_new_tokens)))
+    return result
+
+
 def evaluate_file(loaded, data_path: str, out_dir: str | None = None, batch_size: int = 32,
                   max_length: int | None = None) -> dict:
     """``orchestrator eval``: the task's metrics for a loaded adapter on a data file, with a progress bar.
@@ -79,20 +141,13 @@ def evaluate_file(loaded, data_path: str, out_dir: str | None = None, batch_size
     result: dict = {"adapter": loaded.folder, "data": data_path}
     with Progress(transient=True) as progress, torch.inference_mode():
         if loaded.task == "causal_lm":
-            from orchestrator.train.lm_data import LMSplit, collate, encode_split, read_records
-            from orchestrator.train.tasks import lm_eval_rows, lm_metrics
+            from orchestrator.train.lm_data import LMSplit, read_records
 
             split = LMSplit("eval", data_path, read_records(data_path, "--data", data)[1], "")
-            if loaded.tokenizer.pad_token_id is None:
-                loaded.tokenizer.pad_token = loaded.tokenizer.eos_token
-            rows, dropped = encode_split(split, loaded.tokenizer, data)
-            done, sums = progress.add_task("eval", total=len(rows)), []
-            for start in range(0, len(rows), batch_size):
-                batch = collate(rows[start:start + batch_size], loaded.tokenizer.pad_token_id, isolated=False)
-                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                sums += lm_eval_rows(loaded.model(**batch).logits, batch)
-                progress.advance(done, len(batch["input_ids"]))
-            result.update(lm_metrics(sums), examples=len(rows), skipped=dropped)
+            done = progress.add_task("eval", total=len(split))
+            metrics, examples, dropped = lm_loss(loaded.model, loaded.tokenizer, split, data, batch_size,
+                                                 lambda rows: progress.advance(done, rows))
+            result.update(metrics, examples=examples, skipped=dropped)
         else:
             from orchestrator.train.data import read_columns
 

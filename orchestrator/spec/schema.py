@@ -293,7 +293,11 @@ class SnapshotSpec(_Strict):
         return str(value) if isinstance(value, (datetime.date, int, float)) else value
 
 
-GATE_METRICS = {"accuracy": "max", "macro_f1": "max", "loss": "min"}
+GATE_METRICS = {"accuracy": "max", "macro_f1": "max", "loss": "min",  # sequence_classification
+                "eval_loss": "min", "eval_perplexity": "min", "exact_match": "max", "contains": "max"}  # causal_lm
+GATE_METRICS_BY_TASK = {"sequence_classification": ("accuracy", "macro_f1", "loss"),
+                        "causal_lm": ("eval_loss", "eval_perplexity", "exact_match", "contains")}
+GENERATION_METRICS = ("exact_match", "contains")  # scored on greedy completions of the held-out prompts
 
 
 class GenerationSpec(_Strict):
@@ -302,7 +306,9 @@ class GenerationSpec(_Strict):
     prompts: list[str] | None = Field(None, description="Default: the prompts of the first validation examples.")
     num_prompts: int = Field(3, ge=0, le=32, description="How many validation prompts when prompts is not given; "
                                                          "0 turns samples off.")
-    max_new_tokens: PositiveInt = Field(48, le=1024)  # tokens generated per sample prompt
+    max_new_tokens: PositiveInt = Field(
+        48, le=1024, description="Tokens generated per sample prompt; also the cap on each held-out completion a "
+                                 "retrain gate on exact_match or contains generates.")
 
 
 class RetrainSpec(_Strict):
@@ -311,8 +317,13 @@ class RetrainSpec(_Strict):
     data: SnapshotSpec  # the dated data snapshots a retrain picks from
     challenger: Literal["train", "search"] = Field(
         "train", description="train: one training run; search: the job's tune section (best finished trial).")
-    metric: Literal["accuracy", "macro_f1", "loss"] = Field(
-        "accuracy", description="Compared on the held-out set; accuracy/macro_f1 higher is better, loss lower.")
+    metric: Literal["accuracy", "macro_f1", "loss", "eval_loss", "eval_perplexity", "exact_match", "contains"] = Field(
+        "accuracy", description="Compared on the held-out set. Classifiers: accuracy, macro_f1 (higher is better), "
+                                "loss (lower). causal_lm (default eval_loss): eval_loss, the mean NLL of the trained "
+                                "tokens, and eval_perplexity, exp(eval_loss) (lower is better); exact_match, the "
+                                "share of held-out prompts whose greedy completion (generation.max_new_tokens at "
+                                "most) equals the reference completion, and contains, the share whose completion "
+                                "contains the reference, both whitespace-normalised (higher is better).")
     margin: float = Field(0.005, ge=0, description="The challenger must beat the champion by at least this much "
                                                    "(absolute, in the metric's units).")
     minimum: float | None = Field(None, description="With no champion yet, the first one must reach this value.")
@@ -347,10 +358,11 @@ class JobSpec(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _task_defaults(cls, raw: Any) -> Any:
-        """A causal LM search defaults to validation loss (it has no accuracy)."""
-        if isinstance(raw, dict) and isinstance(raw.get("model"), dict) and raw["model"].get("task") == "causal_lm" \
-                and isinstance(raw.get("tune"), dict) and "metric" not in raw["tune"]:
-            raw = {**raw, "tune": {**raw["tune"], "metric": "eval_loss"}}
+        """A causal LM search and a causal LM retrain gate default to the loss (it has no accuracy)."""
+        if isinstance(raw, dict) and isinstance(raw.get("model"), dict) and raw["model"].get("task") == "causal_lm":
+            for section in ("tune", "retrain"):
+                if isinstance(raw.get(section), dict) and "metric" not in raw[section]:
+                    raw = {**raw, section: {**raw[section], "metric": "eval_loss"}}
         return raw
 
     @model_validator(mode="after")
@@ -364,8 +376,6 @@ class JobSpec(_Strict):
             (not causal and self.data.packing, "data.packing", "packing is for causal_lm jobs"),
             (causal and self.tune is not None and self.tune.metric not in LM_METRICS, "tune.metric",
              f"a causal_lm job reports {' and '.join(LM_METRICS)}; use one of them"),
-            (causal and self.retrain is not None, "retrain",
-             "retraining with a promotion gate supports sequence_classification jobs only in this version"),
             ((self.train.epochs is None) == (self.train.max_steps is None), "train.epochs",
              "set exactly one of train.epochs and train.max_steps"),
             (self.data.validation is not None and self.data.validation_split is not None, "data.validation_split",
@@ -428,8 +438,16 @@ class JobSpec(_Strict):
                  "train.eval_every_steps) so every report to the scheduler carries the metric"),
             ]
         if self.retrain:
-            rules.append((self.retrain.challenger == "search" and self.tune is None, "retrain.challenger",
-                          "search needs a tune section in the job; use challenger: train"))
+            fits = GATE_METRICS_BY_TASK[self.model.task]
+            rules += [
+                (self.retrain.challenger == "search" and self.tune is None, "retrain.challenger",
+                 "search needs a tune section in the job; use challenger: train"),
+                (self.retrain.metric not in fits, "retrain.metric",
+                 f"a {self.model.task} job has no {self.retrain.metric}; its gate compares one of {', '.join(fits)}"),
+                (self.retrain.metric in GENERATION_METRICS and self.data.format == "text", "retrain.metric",
+                 f"{self.retrain.metric} compares a completion with the reference one; text data has no reference "
+                 "completions (use prompt_completion or chat data, or retrain.metric: eval_loss)"),
+            ]
         for broken, field, message in rules:
             if broken:
                 raise ValueError(f"@{field}: {message}")

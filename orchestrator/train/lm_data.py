@@ -206,6 +206,14 @@ def prompt_text(record: dict[str, Any], tokenizer) -> str:
     return " ".join(words[:max(1, len(words) // 2)])
 
 
+def reference_text(record: dict[str, Any]) -> str | None:
+    """What the model should answer to :func:`prompt_text`: the last assistant turn, or the completion; a text
+    record has none."""
+    if "messages" in record:
+        return [m["content"] for m in record["messages"] if m["role"] == "assistant"][-1]
+    return record.get("completion")
+
+
 def encode(record: dict[str, Any], tokenizer, max_length: int, train_on: str) -> Encoded:
     """Token ids and labels (-100 outside the trained spans), truncated to ``max_length`` tokens."""
     text, spans, has_specials = render(record, tokenizer, train_on)

@@ -37,3 +37,18 @@ def confusion_matrix(predictions: list[int], labels: list[int], num_labels: int)
     for p, y in zip(predictions, labels):
         counts[y][p] += 1
     return counts
+
+
+def normalise_whitespace(text: str) -> str:
+    """Runs of whitespace as one space, none at the ends: what generation metrics compare."""
+    return " ".join(text.split())
+
+
+def generation_metrics(completions: list[str], references: list[str]) -> dict[str, float]:
+    """exact_match: the share of completions equal to their reference; contains: the share in which the
+    reference appears. Both after :func:`normalise_whitespace`, case-sensitive; an empty list scores 0."""
+    pairs = [(normalise_whitespace(c), normalise_whitespace(r)) for c, r in zip(completions, references, strict=True)]
+    if not pairs:
+        return {"exact_match": 0.0, "contains": 0.0}
+    return {"exact_match": sum(c == r for c, r in pairs) / len(pairs),
+            "contains": sum(r in c for c, r in pairs) / len(pairs)}

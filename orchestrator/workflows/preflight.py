@@ -10,7 +10,7 @@ from pathlib import Path
 
 from orchestrator.plan.batches import BatchPlan, as_run, deepspeed_config, plan_batches
 from orchestrator.plan.precision import Device, default_device, describe, problems
-from orchestrator.spec import JobSpec, SpecError
+from orchestrator.spec import GENERATION_METRICS, JobSpec, SpecError
 from orchestrator.train.modeling import (
     check_adapter_labels,
     check_target_modules,
@@ -45,6 +45,10 @@ def preflight(spec: JobSpec, device: Device | None = None) -> Preflight:
               "driver and on every worker; turn it off unless the model needs it and you trust its source",
               file=sys.stderr)
     data = load_data(spec)
+    if spec.retrain and spec.retrain.metric in GENERATION_METRICS and data.format == "text":  # causal_lm (the spec)
+        raise SpecError(f"retrain.metric: {spec.retrain.metric} compares a generated completion with the reference "
+                        f"one, and {spec.data.train} is text data (no prompt/completion or chat columns), which has "
+                        "none; use prompt_completion or chat data, or retrain.metric: eval_loss")
     names, total = linear_module_names(spec, len(data.label_names) if data.label_names else None)
     check_target_modules(spec.lora, names)
     shape = model_shape(spec, len(data.label_names) if data.label_names else None)

@@ -78,20 +78,19 @@ def retrain(spec: JobSpec, verbose: bool = False) -> RetrainResult:
         if earlier is not None:
             return _finish_earlier(client, spec, snapshot, earlier, locked=True)
         champion = _champion(client, name, alias)
-        challenger_value = _evaluate(adapter, job, holdout, checked.data.label_names)[rule.metric]
+        challenger_value = _evaluate(adapter, job.model.path, job, holdout, checked.data.label_names)[rule.metric]
         champion_value = None
         if champion is not None:
             folder = Path(job.output_dir, f"champion-v{champion.version}")
             shutil.rmtree(folder, ignore_errors=True)
             registry.pull(client, registry.Ref(name, version=str(champion.version)), str(folder))
             base = (champion.tags or {}).get("base_model") or job.model.path
-            champion_value = _evaluate(str(folder), job.model_copy(update={
-                "model": job.model.model_copy(update={"path": base})}), holdout, checked.data.label_names)[rule.metric]
+            champion_value = _evaluate(str(folder), base, job, holdout, checked.data.label_names)[rule.metric]
         champion_version = str(champion.version) if champion is not None else None
         decision = decide(rule, challenger_value, champion_value, champion_version)
         tags = {**decision_tags(snapshot, rule, decision, challenger_value, champion_value, champion_version),
                 "base_model": spec.model.path, "orchestrator.job": spec.name,
-                "orchestrator.holdout": f"{holdout.name} ({len(holdout.texts)} rows)"}
+                "orchestrator.holdout": f"{holdout.name} ({len(holdout)} rows)"}
         # From here to the decision run's tag, a crash is finished by the next run on this snapshot
         # (_finish_earlier): the version's tags hold the decision; DECISION_RUN_TAG, written last, marks it done.
         # All of it under the lock, so a racing retrain of this snapshot never sees it half done.
@@ -146,10 +145,27 @@ def _train_challenger(job: JobSpec, verbose: bool) -> tuple[str, str]:
     return result.run_id, result.adapter_dir
 
 
-def _evaluate(adapter: str, job: JobSpec, holdout, label_names: list[str]) -> dict[str, float]:
+def _evaluate(adapter: str, base: str, job: JobSpec, holdout, label_names: list[str] | None) -> dict[str, float]:
+    """The gate's metrics of the adapter in ``adapter`` on ``holdout``, read with the retrain job's data settings.
+
+    A classifier loads on ``base`` (the base the version records). A causal LM loads on the base its saved job
+    records (path, GGUF file and all; ``base`` is PEFT's fallback for an adapter without one), and generates
+    only when the gate compares completions.
+    """
+    from orchestrator.spec import GENERATION_METRICS
+
+    if job.model.task == "causal_lm":
+        from orchestrator.serve.evaluation import evaluate_lm
+        from orchestrator.serve.inference import load_causal_adapter, saved_job
+
+        loaded = load_causal_adapter(adapter, None if saved_job(adapter) is not None else base)
+        assert job.retrain is not None
+        generating = job.retrain.metric in GENERATION_METRICS
+        return evaluate_lm(loaded, holdout, job.data, job.generation.max_new_tokens if generating else None)
     from orchestrator.serve.evaluation import evaluate_adapter
 
-    return evaluate_adapter(adapter, job.model.path, holdout, label_names, job.data.max_length)
+    assert label_names is not None
+    return evaluate_adapter(adapter, base, holdout, label_names, job.data.max_length)
 
 
 def _champion(client, name: str, alias: str):
