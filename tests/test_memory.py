@@ -133,6 +133,56 @@ def test_prediction_is_within_25_percent_of_measured_peak(model, checkpointing, 
     assert 0.75 <= ratio <= 1.25, result
 
 
+def test_the_plan_counts_evaluation_and_it_stays_under_training_at_a_128k_vocabulary(tmp_path):
+    llama3 = {**LLAMA2_7B, "vocab_size": 128256, "num_key_value_heads": 8, "intermediate_size": 14336}
+    (tmp_path / "config.json").write_text(json.dumps(llama3))  # Llama-3-8B
+    spec = _spec(tmp_path, data={"max_length": 4096}, train={"micro_batch_size": 8})
+    found = memory.estimate_job(spec, model_shape(spec, None), memory.job_setting(spec))
+    logits = 8 * 4096 * 128256 * 2  # one evaluation micro-batch's bf16 logits: 8.4 GB
+    # with a float32 copy of them (16.8 GB more) it would be over 3x that; one layer's MLP and a loss chunk add
+    assert logits <= found.evaluation < 2 * logits
+    assert found.evaluation < found.activations and found.total == found.training + found.runtime
+    tight = memory.estimate(model_shape(spec, None), memory.job_setting(spec), world=8, seq_len=4096,
+                            precision="bf16", dtype="bfloat16")
+    assert tight.evaluation == found.evaluation
+    no_head = memory.Estimate(**{**tight.__dict__, "activations": 0.0})  # evaluation then sets the peak
+    assert no_head.total == pytest.approx(no_head.training + no_head.evaluation + no_head.runtime)
+
+
+def test_evaluation_at_a_128k_vocabulary_peaks_below_the_training_step(tmp_path):
+    """Evaluation's memory does not grow with the vocabulary: a Llama-style model with Llama-3's 128,256-word
+    output layer, where one micro-batch's logits are 4 x 128 x 128k floats (251 MiB). The loss is taken in
+    chunks (no full float32 copy and log-softmax), at the training micro-batch: the evaluation's peak stays
+    under the training step's (which holds the logits, their log-softmax and their gradient)."""
+    out = tmp_path / "probe.json"
+    subprocess.run([sys.executable, "-m", "tests.memory_probe", "--model", "llama", "--micro-batch", "4", "--seq",
+                    "128", "--vocab", "128256", "--root", str(tmp_path), "--out", str(out)],
+                   cwd=REPO, check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    print(f"128k vocabulary: training step peak {result['peak_memory_mb']:.0f} MiB, evaluation peak "
+          f"{result['peak_eval_memory_mb']:.0f} MiB")
+    assert 0 < result["peak_eval_memory_mb"] <= result["peak_memory_mb"], result
+
+
+def test_the_loss_taken_in_chunks_is_the_whole_loss():
+    import torch
+
+    from orchestrator.train.tasks import lm_eval_rows
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 17, 50, dtype=torch.bfloat16)
+    labels = torch.randint(0, 50, (3, 17))
+    labels[0, :5] = -100  # a prompt's tokens carry no loss
+    batch = {"labels": labels}
+    whole = lm_eval_rows(logits, batch, chunk_elements=10**9)
+    for chunk in (1, 3 * 50, 3 * 50 * 7):  # one position at a time, one per chunk, seven per chunk
+        for (nll, count), (expected, expected_count) in zip(lm_eval_rows(logits, batch, chunk), whole, strict=True):
+            assert count == expected_count and nll == pytest.approx(expected, rel=1e-6)
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:],
+                                                  ignore_index=-100, reduction="sum")
+    assert sum(nll for nll, _ in whole) == pytest.approx(reference.item(), rel=1e-5)
+
+
 def test_train_refuses_a_job_that_does_not_fit_before_ray_starts(tiny_model, tiny_data, tmp_path, capsys,
                                                                  monkeypatch):
     from orchestrator.runtime import launcher

@@ -25,6 +25,10 @@ class BatchPlan:
     warmup_steps: int
     eval_every_steps: int
     checkpoint_every_steps: int
+    # Evaluation's micro-batch. A classifier's logits are a few numbers per row: twice the training size. A
+    # causal LM's are rows x tokens x vocabulary (Llama-3: 128k): the training size, which keeps evaluation's
+    # peak under the training step's (no gradients, no saved activations; the loss is taken in chunks).
+    eval_micro_batch_size: int = 0
 
     @property
     def global_batch_size(self) -> int:
@@ -57,7 +61,20 @@ def plan_batches(spec: JobSpec, num_train_examples: int) -> BatchPlan:
         warmup_steps=math.floor(train.warmup_ratio * total),
         eval_every_steps=eval_every,
         checkpoint_every_steps=min(train.checkpoint_every_steps or eval_every, total),
+        eval_micro_batch_size=eval_micro_batch(spec),
     )
+
+
+EVAL_LOSS_CHUNK_ELEMENTS = 1 << 25  # float32 logits the evaluation loss takes at once (128 MiB)
+
+
+def eval_micro_batch(spec: JobSpec) -> int:
+    """Rows per evaluation forward pass (see :attr:`BatchPlan.eval_micro_batch_size`)."""
+    return eval_rows_per_pass(spec.train.micro_batch_size, spec.model.task == "causal_lm")
+
+
+def eval_rows_per_pass(micro_batch: int, causal_lm: bool) -> int:
+    return micro_batch * (1 if causal_lm else 2)
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:

@@ -23,6 +23,11 @@ LoRA trains at the spec's rank (PEFT wired on the meta model, so the classifier 
   the math kernel under dropout). Gradient checkpointing keeps one s·b·h input per layer and recomputes one
   layer at a time. A causal LM adds its logits, their fp32 log-softmax and the backward's fp32 gradients of
   both (b·s·vocab each). The backward's working memory is one more layer.
+- **Evaluation**, its forward pass with nothing saved for a backward: one layer's working tensors at the
+  evaluation micro-batch (a classifier's is twice the training one, a causal LM's the same:
+  :func:`orchestrator.plan.batches.eval_rows_per_pass`), and a causal LM's logits plus one float32 loss chunk
+  and its log-softmax (the loss is taken in chunks of positions). The device holds the larger of it and the
+  training step's activations.
 - **Runtime**: a fixed allowance per worker (CUDA context, cuBLAS workspace and allocator slack on a GPU;
   the Python process with torch, transformers and DeepSpeed imported on a CPU).
 
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from orchestrator.plan.batches import EVAL_LOSS_CHUNK_ELEMENTS, eval_rows_per_pass
 from orchestrator.plan.precision import resolve
 from orchestrator.spec import JobSpec, SpecError
 
@@ -95,6 +101,7 @@ class Estimate:
     buffers: float  # ZeRO reduce bucket
     activations: float
     runtime: float
+    evaluation: float = 0.0  # the evaluation forward's working memory (held instead of the activations)
 
     @property
     def model_states(self) -> float:
@@ -107,7 +114,8 @@ class Estimate:
 
     @property
     def total(self) -> float:
-        return self.training + self.runtime
+        """The device's peak: training or evaluation, whichever needs more, and the runtime."""
+        return self.training + max(0.0, self.evaluation - self.activations) + self.runtime
 
 
 def estimate(shape: ModelShape, setting: Setting, *, world: int, seq_len: int, precision: str = "fp32",
@@ -144,8 +152,18 @@ def estimate(shape: ModelShape, setting: Setting, *, world: int, seq_len: int, p
     buffers = min(trainable, REDUCE_BUCKET) * grad_bytes if stage in (1, 2) else 0.0
     activations = _activations(shape, setting, seq_len, 2 if weight_bytes == 2 else 4, eager_attention,
                                lora_dropout if not full else 0.0)
+    evaluation = _evaluation(shape, setting, seq_len, 2 if weight_bytes == 2 else 4)
     return Estimate(setting, trainable, weights, gradients, optimizer, buffers, activations,
-                    RUNTIME_GPU if gpu else RUNTIME_CPU)
+                    RUNTIME_GPU if gpu else RUNTIME_CPU, evaluation)
+
+
+def _evaluation(shape: ModelShape, setting: Setting, s: int, act: int) -> float:
+    tokens = s * eval_rows_per_pass(setting.micro_batch, shape.causal_lm)
+    h, i = shape.hidden, shape.intermediate
+    layer = tokens * ((6 * h + 3 * shape.kv_hidden + 4 * i) if shape.gated_mlp else (8 * h + 2 * i)) * act
+    logits = tokens * shape.vocab
+    head = logits * act + 2 * 4 * min(logits, EVAL_LOSS_CHUNK_ELEMENTS) if shape.causal_lm else 0
+    return layer + head + 2 * tokens * h * act  # + the embeddings' output and the residual stream
 
 
 def _largest_layer(shape: ModelShape) -> int:

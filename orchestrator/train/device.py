@@ -4,6 +4,7 @@ precision ``auto`` is decided) and by the driver's one-GPU probe task."""
 from __future__ import annotations
 
 import importlib.util
+import os
 
 from orchestrator.plan.precision import CPU, KERNEL_PACKAGES, Device
 
@@ -34,3 +35,46 @@ def use_tf32(device: Device) -> None:
 
     if device.tf32:
         torch.set_float32_matmul_precision("high")
+
+
+class PeakMemory:
+    """This worker's memory in use and its peak since the last :meth:`reset`: the CUDA allocator's on a GPU,
+    the process's resident set on a CPU (Linux resets its high-water mark through /proc/self/clear_refs; where
+    that is not allowed the peak runs from the start). The loop resets around each evaluation, so the training
+    step's peak and the evaluation's are told apart."""
+
+    def __init__(self, on_gpu: bool):
+        self.on_gpu = on_gpu
+
+    def now_mb(self) -> float:
+        import torch
+
+        if self.on_gpu:
+            return torch.cuda.memory_allocated() / 2**20
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def peak_mb(self) -> float:
+        import torch
+
+        if self.on_gpu:
+            return torch.cuda.max_memory_allocated() / 2**20
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def reset(self) -> None:
+        import torch
+
+        if self.on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
+        except OSError:
+            pass

@@ -29,7 +29,7 @@ from orchestrator.plan.precision import describe, problems
 from orchestrator.spec import JobSpec
 from orchestrator.tracking.runs import ADAPTER_ARTIFACT
 from orchestrator.tracking.sinks import PENDING_FILE, BufferedSink, MetricSink, MlflowSink, NullSink
-from orchestrator.train.device import local_device, use_tf32
+from orchestrator.train.device import PeakMemory, local_device, use_tf32
 from orchestrator.train.modeling import (
     JOB_FILE,
     LABELS_FILE,
@@ -77,7 +77,8 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
     tokenizer = AutoTokenizer.from_pretrained(model_folder(spec.model))
     task = make_task(spec, load_data(spec), tokenizer)  # classification or causal LM: data, batches, metrics
     plan = plan_batches(spec, task.size("train"))
-    before_model_mb = _memory_now_mb(spec.scaling.use_gpu)  # what the model and training add is measured from here
+    memory = PeakMemory(spec.scaling.use_gpu)
+    before_model_mb = memory.now_mb()  # what the model and training add is measured from here
     model = build_peft_model(spec, task.label_names)
     trainable, total = parameter_counts(model)
     skip_shared_memory_allreduce()
@@ -116,20 +117,27 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
     def to_device(batch: dict) -> dict:
         return {k: v.to(engine.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
+    peaks = {"train": 0.0, "eval": 0.0}  # MB: training steps' peak so far, and the latest evaluation's
+
     def evaluate(split: str) -> dict[str, float]:
         """The task's metrics on a split (classification: loss, accuracy, macro-F1; causal LM: loss,
         perplexity); every rank runs the same number of forward passes."""
+        peaks["train"] = max(peaks["train"], memory.peak_mb())
+        memory.reset()
         engine.eval()
         indices, local = eval_shard(task.size(split), ctx.rank, ctx.world_size), []
+        size = plan.eval_micro_batch_size
         with torch.no_grad():
-            for start in range(0, len(indices), plan.micro_batch_size * 2):
-                chunk = indices[start:start + plan.micro_batch_size * 2]
+            for start in range(0, len(indices), size):
+                chunk = indices[start:start + size]
                 batch = to_device(task.batch(split, [max(i, 0) for i in chunk])[0])
                 rows = task.eval_rows(engine(**batch).logits, batch)
                 local += [row for i, row in zip(chunk, rows) if i >= 0]  # -1: padding to equal shard sizes
         gathered: list = [None] * ctx.world_size
         dist.all_gather_object(gathered, local)
         engine.train()
+        peaks["eval"] = memory.peak_mb()
+        memory.reset()
         return task.metrics([row for part in gathered for row in part])
 
     prompts = task.sample_prompts() if spec.model.task == "causal_lm" else []
@@ -206,7 +214,7 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
             rates = window_metrics(window.summed(sum_over_workers(window.sums(), engine.device)), ctx.world_size,
                                    train_seconds)
             train_seconds = rates["train_seconds"]
-            peak_mb = _peak_memory_mb(spec.scaling.use_gpu)
+            peak_mb = max(peaks["train"], memory.peak_mb())  # the training steps', evaluations left out
             metrics = {**rates, "peak_memory_mb": peak_mb, "train_memory_mb": peak_mb - before_model_mb,
                        "learning_rate": engine.get_lr()[0],
                        "epoch": done * plan.gradient_accumulation_steps / plan.micro_batches_per_epoch}
@@ -219,6 +227,7 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
         if is_eval:
             started = time.perf_counter()
             evaluation = {f"eval_{k}": v for k, v in evaluate("validation").items()}
+            evaluation["peak_eval_memory_mb"] = peaks["eval"]
             samples(done)
             timers["evaluation_seconds"] += time.perf_counter() - started
             metrics = {**metrics, **evaluation, **timers, "step": done, "trainable_params": trainable,
@@ -281,27 +290,6 @@ def set_rng_state(client_state: dict) -> None:
 def precision_in_use(engine) -> str:
     """The mixed precision the engine runs (the final DeepSpeed config's, a user JSON's included)."""
     return "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
-
-
-def _memory_now_mb(on_gpu: bool) -> float:
-    """This worker's memory in use now: CUDA tensors on GPU, the process's resident set on CPU."""
-    import torch
-
-    if on_gpu:
-        return torch.cuda.memory_allocated() / 2**20
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_memory_mb(on_gpu: bool) -> float:
-    """This worker's peak memory: the CUDA allocator's peak on GPU, the process's peak RSS on CPU."""
-    import resource
-
-    import torch
-
-    if on_gpu:
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def save_adapter(engine, spec: JobSpec, tokenizer, label_names: list[str] | None, rank: int) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any, Protocol
 
+from orchestrator.plan.batches import EVAL_LOSS_CHUNK_ELEMENTS
 from orchestrator.spec import JobSpec
 from orchestrator.spec.schema import FLASH_KERNELS
 
@@ -121,16 +122,26 @@ class CausalLM:
         return [(_readable(r), prompt_text(r, self.tokenizer)) for r in records]
 
 
-def lm_eval_rows(logits, batch: dict[str, Any]) -> list[tuple]:
-    """(summed negative log-likelihood, trained tokens) per row: the prediction of token t+1 at t."""
+def lm_eval_rows(logits, batch: dict[str, Any], chunk_elements: int = EVAL_LOSS_CHUNK_ELEMENTS) -> list[tuple]:
+    """(summed negative log-likelihood, trained tokens) per row: the prediction of token t+1 at t.
+
+    The loss is taken a slice of positions at a time, so at most ``chunk_elements`` logits are ever in float32
+    (with cross-entropy's log-softmax of them): with a 128k vocabulary a full float32 copy of 8 rows x 4,096
+    tokens would be 16.8 GB on top of the logits themselves."""
     import torch
 
     shifted = batch["labels"][:, 1:]
     logits = logits[:, -batch["labels"].shape[1]:]  # prompt tuning prepends virtual tokens' positions
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), shifted,
-                                            ignore_index=-100, reduction="none")
+    rows, positions, vocab = shifted.shape[0], shifted.shape[1], logits.shape[-1]
+    step = max(1, chunk_elements // max(1, rows * vocab))
+    nll = torch.zeros(rows, dtype=torch.float64, device=logits.device)
+    for start in range(0, positions, step):
+        end = min(positions, start + step)
+        part = torch.nn.functional.cross_entropy(logits[:, start:end].float().transpose(1, 2), shifted[:, start:end],
+                                                 ignore_index=-100, reduction="none")
+        nll += part.sum(-1, dtype=torch.float64)
     counts = (shifted != -100).sum(-1)
-    return list(zip(nll.sum(-1).tolist(), counts.tolist()))
+    return list(zip(nll.tolist(), counts.tolist()))
 
 
 def lm_metrics(rows: list[tuple]) -> dict[str, float]:
