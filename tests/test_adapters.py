@@ -116,8 +116,12 @@ def test_eval_reports_the_metrics_training_measured(classifier, tiny_data, tmp_p
 
 def test_eval_of_a_causal_lm_gives_the_training_loop_validation_loss(causal, tiny_chats, capsys):
     assert main(["eval", "--adapter", str(causal), "--data", str(tiny_chats / "validation.jsonl"),
-                 "--batch-size", "5"]) == 0  # batches unlike training's: padding must not change the loss
-    words = capsys.readouterr().out.split()
+                 "--batch-size", "5", "--log-format", "json", "--progress-every", "0"]) == 0  # batches unlike
+    captured = capsys.readouterr()  # training's: padding must not change the loss
+    records = [json.loads(line) for line in captured.err.splitlines() if line.startswith("{")]  # (transformers,
+    progress = [r for r in records if r["event"] == "progress"]  # imported before main() here, draws its bar)
+    assert [r["done"] for r in progress] == [min(n, 32) for n in range(5, 36, 5)] and progress[-1]["total"] == 32
+    words = captured.out.split()
     loss, perplexity = float(words[words.index("loss") + 1]), float(words[words.index("perplexity") + 1])
     assert loss == pytest.approx(_trained(causal)["eval_loss"], abs=1e-4)
     assert perplexity == pytest.approx(_trained(causal)["eval_perplexity"], abs=1e-3)

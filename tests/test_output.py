@@ -101,6 +101,20 @@ def test_json_lines_parse_and_carry_the_events_fields():
     assert records[-1]["event"] == "end" and records[-1]["status"] == "finished"
 
 
+def test_a_commands_own_loop_reports_rows_at_most_every_interval_and_at_the_end():
+    from orchestrator.workflows.log_lines import PlainCounter
+
+    out, clock = io.StringIO(), FakeClock()
+    rows = PlainCounter(LineWriter("plain", out, FakeClock(1_796_137_445.0)), "eval", progress_every_s=30, clock=clock)
+    rows.start(1000)
+    for second in range(1, 101):  # 10 rows a second
+        clock.now = second
+        rows.advance(10)
+    lines = out.getvalue().splitlines()
+    assert [line.split()[2] for line in lines] == ["300/1000", "600/1000", "900/1000", "1000/1000"]
+    assert lines[0].endswith("eval 300/1000 rows  10 rows/s  ETA 1m10s") and lines[-1].endswith("ETA 0s")
+
+
 def test_a_restart_from_a_checkpoint_gets_its_own_line():
     out = io.StringIO()
     plain = PlainTrainingConsole(LineWriter("plain", out), clock=FakeClock())

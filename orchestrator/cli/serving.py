@@ -74,11 +74,12 @@ def _generate(args) -> int:
 def _eval(args) -> int:
     from orchestrator.serve.evaluation import evaluate_file
     from orchestrator.serve.inference import load_adapter
-    from orchestrator.workflows.console import milestone
+    from orchestrator.workflows.console import counter, milestone
 
     milestone("start", f"eval start: {args.adapter} on {args.data}", adapter=args.adapter, data=args.data)
-    result = evaluate_file(load_adapter(args.adapter, args.base, args.tracking_uri), args.data, args.out,
-                           args.batch_size)
+    with counter("eval") as progress:
+        result = evaluate_file(load_adapter(args.adapter, args.base, args.tracking_uri), args.data, args.out,
+                               args.batch_size, progress=progress)
     scalars = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     milestone("end", f"eval done: {result['examples']} examples  " + "  ".join(
         f"{k} {v:.4f}" for k, v in scalars.items() if isinstance(v, float)), status="finished", **scalars)

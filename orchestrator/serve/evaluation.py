@@ -118,8 +118,10 @@ def evaluate_lm(loaded, split, data, max_new_tokens: int | None = None, batch_si
 
 
 def evaluate_file(loaded, data_path: str, out_dir: str | None = None, batch_size: int = 32,
-                  max_length: int | None = None) -> dict:
-    """``orchestrator eval``: the task's metrics for a loaded adapter on a data file, with a progress bar.
+                  max_length: int | None = None, progress=None) -> dict:
+    """``orchestrator eval``: the task's metrics for a loaded adapter on a data file. ``progress``: an object with
+    ``start(total)`` and ``advance(rows)`` (the CLI's :func:`orchestrator.workflows.console.counter`); none shown
+    without it.
 
     Classification: accuracy, macro-F1, loss, a per-class report and a confusion-matrix PNG (labels matched by
     name; rows with labels the adapter never learned count as errors). Causal LM: token-weighted loss and
@@ -130,7 +132,6 @@ def evaluate_file(loaded, data_path: str, out_dir: str | None = None, batch_size
     from pathlib import Path
 
     import torch
-    from rich.progress import Progress
 
     from orchestrator.spec import DataSpec
     from orchestrator.train.metrics import confusion_matrix, per_class_report
@@ -139,14 +140,15 @@ def evaluate_file(loaded, data_path: str, out_dir: str | None = None, batch_size
     data = DataSpec(**{**trained, "train": data_path, **({"max_length": max_length} if max_length else {})})
     device = next(loaded.model.parameters()).device
     result: dict = {"adapter": loaded.folder, "data": data_path}
-    with Progress(transient=True) as progress, torch.inference_mode():
+    progress = progress or _Silent()
+    with torch.inference_mode():
         if loaded.task == "causal_lm":
             from orchestrator.train.lm_data import LMSplit, read_records
 
             split = LMSplit("eval", data_path, read_records(data_path, "--data", data)[1], "")
-            done = progress.add_task("eval", total=len(split))
+            progress.start(len(split))
             metrics, examples, dropped = lm_loss(loaded.model, loaded.tokenizer, split, data, batch_size,
-                                                 lambda rows: progress.advance(done, rows))
+                                                 progress.advance)
             result.update(metrics, examples=examples, skipped=dropped)
         else:
             from orchestrator.train.data import read_columns
@@ -155,7 +157,8 @@ def evaluate_file(loaded, data_path: str, out_dir: str | None = None, batch_size
             index = {name: i for i, name in enumerate(loaded.labels)}
             unknown = len(loaded.labels)  # an extra class for labels the adapter never learned
             labels = [index.get(name, unknown) for name in names]
-            done, predictions, losses = progress.add_task("eval", total=len(texts)), [], []
+            progress.start(len(texts))
+            predictions, losses = [], []
             for start in range(0, len(texts), batch_size):
                 batch = loaded.tokenizer(texts[start:start + batch_size], truncation=True, padding=True,
                                          max_length=data.max_length, return_tensors="pt").to(device)
@@ -164,7 +167,7 @@ def evaluate_file(loaded, data_path: str, out_dir: str | None = None, batch_size
                 targets = torch.tensor(labels[start:start + batch_size], device=logits.device)
                 known = targets != unknown  # no loss for a label the adapter has no output for
                 losses += torch.nn.functional.cross_entropy(logits[known], targets[known], reduction="none").tolist()
-                progress.advance(done, len(batch["input_ids"]))
+                progress.advance(len(batch["input_ids"]))
             classes = list(loaded.labels) + (["(unknown to the adapter)"] if unknown in labels else [])
             report = per_class_report(predictions, labels, classes)
             result.update({**classification_metrics(predictions, labels, len(classes)),  # as training defines them
@@ -201,3 +204,11 @@ def _confusion_png(counts: list[list[int]], classes: list[str], path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+class _Silent:
+    def start(self, total: int) -> None:
+        pass
+
+    def advance(self, rows: int) -> None:
+        pass

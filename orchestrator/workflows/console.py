@@ -9,15 +9,16 @@ that calls another (retrain calls train and tune) honours it too.
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from orchestrator.workflows.log_lines import LineWriter, Notices, PlainStudyConsole, PlainTrainingConsole
+from orchestrator.workflows.log_lines import LineWriter, Notices, PlainCounter, PlainStudyConsole, PlainTrainingConsole
 
-__all__ = ["LOG_FORMATS", "OutputChoice", "StudyConsole", "TrainingConsole", "TrialBoard", "configure",
+__all__ = ["LOG_FORMATS", "OutputChoice", "StudyConsole", "TrainingConsole", "TrialBoard", "configure", "counter",
            "log_format", "milestone", "study_console", "training_console"]
 
 LOG_FORMATS = ("auto", "rich", "plain", "json")
@@ -68,6 +69,38 @@ def study_console(metric: str, mode: str):
     if chosen == "rich":
         return StudyConsole(metric, mode)
     return PlainStudyConsole(LineWriter(chosen), TrialBoard(metric, mode))
+
+
+class _BarCounter:
+    """:class:`PlainCounter`'s calls on a terminal: a transient rich bar."""
+
+    def __init__(self, label: str):
+        self._progress, self.label, self._task = Progress(transient=True), label, None
+
+    def start(self, total: int) -> None:
+        self._progress.start()
+        self._task = self._progress.add_task(self.label, total=total)
+
+    def advance(self, rows: int) -> None:
+        self._progress.advance(self._task, rows)
+
+    def stop(self) -> None:
+        self._progress.stop()
+
+
+@contextmanager
+def counter(label: str):
+    """Progress over rows for a command's own loop (``eval``): yields an object with ``start(total)`` and
+    ``advance(rows)``; a bar on a terminal, rate-limited lines (``--progress-every``) otherwise."""
+    chosen = log_format()
+    if chosen == "rich":
+        bar = _BarCounter(label)
+        try:
+            yield bar
+        finally:
+            bar.stop()
+    else:
+        yield PlainCounter(LineWriter(chosen), label, _choice[0].progress_every_s)
 
 
 def milestone(event: str, text: str, **fields: Any) -> None:

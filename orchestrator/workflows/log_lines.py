@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-__all__ = ["LineWriter", "Notices", "PlainStudyConsole", "PlainTrainingConsole", "plain_words", "strip_ansi"]
+__all__ = ["LineWriter", "Notices", "PlainCounter", "PlainStudyConsole", "PlainTrainingConsole", "plain_words",
+           "strip_ansi"]
 
 ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07")  # colour/cursor (CSI) and title (OSC) codes
 _IDS = re.compile(r"\b[0-9a-f]{16,}\b|\b\d+(\.\d+)*\b")  # hex ids, numbers, addresses: not part of a message's identity
@@ -176,6 +177,35 @@ def _duration(seconds: float | None) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class PlainCounter:
+    """Progress of a command's own loop over rows (``eval``) as lines: ``LABEL ROWS/TOTAL rows  R rows/s  ETA``,
+    at most every ``progress_every_s`` seconds (0: after every batch), and always at the last row."""
+
+    def __init__(self, write: LineWriter, label: str, progress_every_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.write, self.label, self.every, self._clock = write, label, progress_every_s, clock
+        self.total, self.done = 0, 0
+        self._started = self._last_line = 0.0
+
+    def start(self, total: int) -> None:
+        self.total, self.done = total, 0
+        self._started = self._last_line = self._clock()
+
+    def advance(self, rows: int) -> None:
+        self.done += rows
+        now = self._clock()
+        if self.every and now - self._last_line < self.every and self.done < self.total:
+            return
+        self._last_line = now
+        elapsed = now - self._started
+        rate = self.done / elapsed if elapsed > 0 else None
+        eta = (self.total - self.done) / rate if rate else None
+        self.write("progress", f"{self.label} {self.done}/{self.total} rows  "
+                   f"{'-' if rate is None else f'{rate:.0f}'} rows/s  ETA {_duration(eta)}",
+                   task=self.label, done=self.done, total=self.total,
+                   rows_per_s=None if rate is None else round(rate, 2), eta_s=None if eta is None else round(eta))
 
 
 class PlainStudyConsole:
