@@ -149,6 +149,8 @@ def test_losing_a_node_mid_run_fails_the_run_in_bounded_time(two_nodes, tmp_path
     out = driver.communicate(timeout=400)[0]
     print(f"node lost -> driver exited in {time.monotonic() - lost:.0f} s")
     assert driver.returncode == 1 and "training failed" in out, out[-3000:]
+    assert "\x1b[" not in out, out[-3000:]  # Ray's word on the lost node: one timestamped line, plain
+    assert len([line for line in out.splitlines() if "ray: The node with node id" in line]) == 1, out[-3000:]
     assert time.monotonic() - lost < 300
     state = json.loads((tmp_path / "out" / "mlflow_run.json").read_text())
     assert MlflowClient(state["tracking_uri"]).get_run(state["run_id"]).info.status == "FAILED"
