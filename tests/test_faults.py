@@ -104,6 +104,41 @@ def test_the_tracking_buffer_keeps_order_retries_on_schedule_and_bounds_what_it_
     assert lines[-1] == {"call": "set_tags", "args": [{"orchestrator.metric_batches_dropped": "14"}]}
 
 
+def test_uploads_get_a_patient_timeout_and_every_other_call_the_probes(tmp_path):
+    """MLflow's per-request timeout: 5 s (an unreachable server is known in seconds) for metrics, params and
+    tags, but not for an adapter's upload, which on a busy server overran 5 s and failed the rerun's delivery."""
+    import os
+
+    from orchestrator.tracking.sinks import PENDING_FILE, UPLOAD_TIMEOUT_S, BufferedSink, deliver_pending
+
+    seen: list[tuple[str, str]] = []
+
+    class Recording:
+        def __getattr__(self, method):
+            return lambda *args: seen.append((method, os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT")))
+
+    before = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT")
+    sink = BufferedSink(Recording(), str(tmp_path / "pending.jsonl"), max_pending=10, retry_every_s=1)
+    sink.log_metrics({"loss": 1.0}, 1)
+    sink.log_artifacts("/adapter", "adapter")
+    sink.log_table({"a": [1]}, "samples.json")
+    sink.set_tags({"t": "1"})
+    assert seen == [("log_metrics", "5"), ("log_artifacts", f"{UPLOAD_TIMEOUT_S}"),
+                    ("log_table", f"{UPLOAD_TIMEOUT_S}"), ("set_tags", "5")]
+    assert os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") == before  # restored
+
+    (tmp_path / PENDING_FILE).write_text(json.dumps({"call": "log_artifacts", "args": ["/adapter", "adapter"]}) + "\n")
+    seen.clear()
+    import orchestrator.tracking.sinks as sinks
+
+    original, sinks.MlflowSink = sinks.MlflowSink, lambda uri, run_id: Recording()
+    try:
+        assert deliver_pending("http://127.0.0.1:1", "run", str(tmp_path)) == 1
+    finally:
+        sinks.MlflowSink = original
+    assert seen == [("log_artifacts", f"{UPLOAD_TIMEOUT_S}")]
+
+
 @pytest.mark.integration
 def test_a_tracking_server_down_at_the_end_keeps_the_adapter_and_a_rerun_records_everything(ray_cluster, job,
                                                                                             tmp_path):

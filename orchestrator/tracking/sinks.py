@@ -121,7 +121,8 @@ class BufferedSink:
             while self._queue:
                 method, args = self._queue[0]
                 try:
-                    getattr(self._inner, method)(*args)
+                    with patient_upload(method):
+                        getattr(self._inner, method)(*args)
                 except Exception as error:  # requests' ConnectionError, MlflowException, timeouts
                     self._next_try = self._clock() + self._retry_every_s
                     if not self._warned:
@@ -158,16 +159,33 @@ def deliver_pending(uri: str, run_id: str, output_dir: str) -> int:
     sink = MlflowSink(uri, run_id)
     with fail_fast():
         for call in calls:
-            getattr(sink, call["call"])(*call["args"])
+            with patient_upload(call["call"]):
+                getattr(sink, call["call"])(*call["args"])
     path.unlink()
     return len(calls)
 
 
+PROBE_TIMEOUT_S = 5  # a call that only asks or records numbers: an unreachable server is known in seconds
+UPLOAD_TIMEOUT_S = 300  # an upload's requests may take long on a busy server (a refused connection still fails)
+UPLOADS = ("log_artifacts", "log_table")
+
+
 @contextmanager
-def fail_fast():
+def patient_upload(method: str):
+    """Inside :func:`fail_fast`, an upload's requests get :data:`UPLOAD_TIMEOUT_S` instead of the probe's 5 s
+    (measured: on a loaded 2-core machine a tiny adapter's upload to a local server overran 5 s)."""
+    if method not in UPLOADS:
+        yield
+        return
+    with fail_fast(UPLOAD_TIMEOUT_S):
+        yield
+
+
+@contextmanager
+def fail_fast(timeout_s: float = PROBE_TIMEOUT_S):
     """MLflow retries HTTP calls for minutes by default; a preflight probe should answer in seconds."""
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=f"{timeout_s:g}")
     try:
         yield
     finally:
