@@ -70,6 +70,43 @@ def test_unreachable_tracking_server_fails_fast_before_any_worker(tmp_path, job,
     assert not ray.is_initialized()
 
 
+def test_a_tracking_server_slow_to_answer_its_first_request_is_reachable(tmp_path, job):
+    """A server that takes the connection but answers its first request in 8 s (a restarted mlflow server on a
+    busy machine took over 5 s) is reachable; preflight used to call it unreachable after 5 s."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from orchestrator.spec import spec_from_dict
+    from orchestrator.tracking.runs import check_reachable
+
+    class Slow(BaseHTTPRequestHandler):
+        def _answer(self):
+            time.sleep(8)
+            body = b'{"experiments": []}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        spec = spec_from_dict(job(tracking={"uri": uri}))
+        started = time.monotonic()
+        assert check_reachable(spec) == uri
+        assert 8 <= time.monotonic() - started < 30
+    finally:
+        server.shutdown()
+
+
 def test_validate_reports_the_plan(tmp_path, job, capsys):
     path = write_job(tmp_path / "job.yaml", job())
     assert main(["validate", str(path)]) == 0

@@ -24,7 +24,7 @@ from typing import Any
 from orchestrator.plan.promotion import history_after, parse_history, rollback_target
 from orchestrator.spec import MODEL_NAME_PATTERN, SpecError
 from orchestrator.tracking.runs import ADAPTER_ARTIFACT
-from orchestrator.tracking.sinks import fail_fast
+from orchestrator.tracking.sinks import FIRST_ANSWER_TIMEOUT_S, fail_fast
 
 LOCK_SUFFIX = ".promotion-lock"  # a registered model that exists while someone moves an alias
 HISTORY_TAG = "orchestrator.alias_history.{alias}"
@@ -86,7 +86,7 @@ def connect(uri: str):
 
     client = MlflowClient(uri, registry_uri=uri)
     if uri.startswith("http"):
-        with fail_fast():
+        with fail_fast(FIRST_ANSWER_TIMEOUT_S):
             try:
                 client.search_registered_models(max_results=1)
             except Exception as error:  # requests' ConnectionError, MlflowException, ...

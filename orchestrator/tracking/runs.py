@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.spec import JobSpec, SpecError
-from orchestrator.tracking.sinks import deliver_pending, fail_fast
+from orchestrator.tracking.sinks import FIRST_ANSWER_TIMEOUT_S, deliver_pending, fail_fast
 
 RUN_STATE_FILE = "mlflow_run.json"
 ADAPTER_ARTIFACT = "adapter"  # where rank 0 logs the adapter folder in the run's artifacts
@@ -52,7 +52,7 @@ def check_reachable(spec: JobSpec) -> str:
     uri = tracking_uri(spec)
     if _is_embedded(uri):
         return uri  # created on first use under output_dir
-    with fail_fast():
+    with fail_fast(FIRST_ANSWER_TIMEOUT_S):
         try:
             MlflowClient(uri).search_experiments(max_results=1)
         except Exception as error:  # MlflowException, requests' ConnectionError, ...

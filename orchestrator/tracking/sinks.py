@@ -166,6 +166,9 @@ def deliver_pending(uri: str, run_id: str, output_dir: str) -> int:
 
 
 PROBE_TIMEOUT_S = 5  # a call that only asks or records numbers: an unreachable server is known in seconds
+# Preflight's reachability probe: a server that takes the connection gets this long for its first answer (one
+# restarted on a busy machine took over 5 s; the run then failed as "cannot reach"); a refused one fails at once.
+FIRST_ANSWER_TIMEOUT_S = 30
 UPLOAD_TIMEOUT_S = 300  # an upload's requests may take long on a busy server (a refused connection still fails)
 UPLOADS = ("log_artifacts", "log_table")
 
