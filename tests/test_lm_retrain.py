@@ -9,15 +9,12 @@ generation metric on data without reference completions refused before training.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 
 from orchestrator.cli import main
-from tests.tiny import tiny_lm_job, write_job, write_tiny_lm_data
+from tests.tiny import assert_racing_retrains_end_with_one_champion, tiny_lm_job, write_job, write_tiny_lm_data
 
 pytestmark = pytest.mark.integration
 
@@ -133,24 +130,7 @@ def test_rerunning_a_decided_snapshot_registers_nothing(world, capsys):
 
 
 def test_two_retrains_racing_end_with_one_champion_and_every_version(world):
-    before = {v.version for v in versions(world)}
-    env = {**os.environ, "RAY_ADDRESS": world["ray"]}
-    racers = [subprocess.Popen([sys.executable, "-m", "orchestrator", "retrain", world["job"],
-                                f"retrain.data.snapshot={snapshot}", "retrain.margin=0.0"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-              for snapshot in ("2026-04-01", "2026-05-01")]
-    outputs = [racer.communicate(timeout=600)[0] for racer in racers]
-    assert all(racer.returncode in (0, 3) for racer in racers), outputs
-    after = versions(world)
-    new = [v for v in after if v.version not in before]
-    assert len(new) == 2 and {v.tags["orchestrator.snapshot"] for v in new} == {"2026-04-01", "2026-05-01"}
-    model = world["client"].get_registered_model(MODEL)
-    assert model.aliases["champion"] in {v.version for v in after}
-    assert json.loads(model.tags["orchestrator.alias_history.champion"])[-1] == model.aliases["champion"]
-    for version in [v for v in new if v.tags["orchestrator.decision"] == "promoted"]:
-        # each promotion compared against the champion in force when it held the lock
-        assert version.tags["orchestrator.champion.previous_version"] == version.tags["orchestrator.champion_version"]
-    assert not [m for m in world["client"].search_registered_models() if m.name.endswith(".promotion-lock")]
+    assert_racing_retrains_end_with_one_champion(world, MODEL, ("2026-04-01", "2026-05-01"))
 
 
 def test_a_generation_metric_on_text_data_is_refused_before_training(world, capsys, tmp_path):

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from orchestrator.cli import main
-from tests.tiny import tiny_job, write_job, write_tiny_data
+from tests.tiny import assert_racing_retrains_end_with_one_champion, tiny_job, write_job, write_tiny_data
 
 pytestmark = pytest.mark.integration
 
@@ -186,25 +186,7 @@ def test_training_continues_from_a_registry_uri(world, capsys, tmp_path):
 
 
 def test_two_retrains_racing_end_with_one_champion_and_every_version(world):
-    before = {v.version for v in versions(world)}
-    env = {**os.environ, "RAY_ADDRESS": world["ray"]}
-    racers = [subprocess.Popen([sys.executable, "-m", "orchestrator", "retrain", world["job"],
-                                f"retrain.data.snapshot={snapshot}", "retrain.margin=0.0"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-              for snapshot in ("2026-04-01", "2026-05-01")]
-    outputs = [racer.communicate(timeout=600)[0] for racer in racers]
-    assert all(racer.returncode in (0, 3) for racer in racers), outputs
-    after = versions(world)
-    new = [v for v in after if v.version not in before]
-    assert len(new) == 2 and {v.tags["orchestrator.snapshot"] for v in new} == {"2026-04-01", "2026-05-01"}
-    model = world["client"].get_registered_model(MODEL)
-    assert model.aliases["champion"] in {v.version for v in after}
-    history = json.loads(model.tags["orchestrator.alias_history.champion"])
-    assert history[-1] == model.aliases["champion"]  # the last promotion is the one in force
-    promoted = [v for v in new if v.tags["orchestrator.decision"] == "promoted"]
-    for version in promoted:  # each promotion compared against the champion in force when it held the lock
-        assert version.tags["orchestrator.champion.previous_version"] == version.tags["orchestrator.champion_version"]
-    assert not [m for m in world["client"].search_registered_models() if m.name.endswith(".promotion-lock")]
+    assert_racing_retrains_end_with_one_champion(world, MODEL, ("2026-04-01", "2026-05-01"))
 
 
 KILLED_AT_THE_FIRST_ALIAS_MOVE = """

@@ -224,3 +224,39 @@ def train_workers() -> list:
     import psutil
 
     return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+
+
+def assert_racing_retrains_end_with_one_champion(world: dict, model: str, snapshots: tuple[str, str]) -> None:
+    """Two ``orchestrator retrain`` processes on two snapshots of the same job at once (margin 0): both register,
+    exactly one champion is in force and is the last promotion in its history, each promotion was compared against
+    the champion in force when it held the lock, and no promotion lock is left behind. ``world``: the test
+    module's registry world (``job``, ``ray``, ``client``)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    client = world["client"]
+
+    def versions() -> list:
+        return client.search_model_versions(f"name = '{model}'")
+
+    before = {v.version for v in versions()}
+    env = {**os.environ, "RAY_ADDRESS": world["ray"]}
+    racers = [subprocess.Popen([sys.executable, "-m", "orchestrator", "retrain", world["job"],
+                                f"retrain.data.snapshot={snapshot}", "retrain.margin=0.0"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for snapshot in snapshots]
+    outputs = [racer.communicate(timeout=600)[0] for racer in racers]
+    assert all(racer.returncode in (0, 3) for racer in racers), outputs
+    after = versions()
+    new = [v for v in after if v.version not in before]
+    assert len(new) == 2 and {v.tags["orchestrator.snapshot"] for v in new} == set(snapshots)
+    registered = client.get_registered_model(model)
+    assert registered.aliases["champion"] in {v.version for v in after}
+    history = json.loads(registered.tags["orchestrator.alias_history.champion"])
+    assert history[-1] == registered.aliases["champion"]  # the last promotion is the one in force
+    for version in [v for v in new if v.tags["orchestrator.decision"] == "promoted"]:
+        # each promotion compared against the champion in force when it held the lock
+        assert version.tags["orchestrator.champion.previous_version"] == version.tags["orchestrator.champion_version"]
+    assert not [m for m in client.search_registered_models() if m.name.endswith(".promotion-lock")]
