@@ -148,7 +148,8 @@ class _RecordsTo(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR:
-            self._on_notice(record.getMessage().strip().splitlines()[0] if record.getMessage().strip() else "")
+            text = record.getMessage().strip()
+            self._on_notice(text.splitlines()[0] if text else "")
         return False
 
 
