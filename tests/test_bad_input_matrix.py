@@ -64,8 +64,9 @@ def cases(tmp: Path, model: Path) -> dict[str, tuple[object, str]]:
         "alpha zero": ({"lora": {"alpha": 0}}, "lora.alpha"),
         "negative max_failures": ({"scaling": {"max_failures": -2}}, "scaling.max_failures"),
         # conflicting options
-        "4-bit base with ZeRO-3": ({"method": {"name": "qlora"}, "scaling": {"use_gpu": True},
-                                    "deepspeed": {"zero_stage": 3}}, "ZeRO-3"),
+        "4-bit base offloaded to CPU": ({"method": {"name": "qlora"}, "scaling": {"use_gpu": True},
+                                         "deepspeed": {"zero_stage": 3, "offload_params": True}},
+                                        "deepspeed.offload_params"),
         "fp16 on a CPU cluster": ({"train": {"precision": "fp16"}}, "train.precision"),
         "parameter offload without ZeRO-3": ({"deepspeed": {"offload_params": True}}, "deepspeed.offload_params"),
         "epochs and max_steps": ({"train": {"epochs": 1, "max_steps": 3}}, "train.epochs"),

@@ -83,6 +83,41 @@ def test_what_cannot_run_on_a_device_is_named_with_its_fix(job):
         "precision fp32 (weights float32), attention sdpa, on CPU"
 
 
+def test_qlora_without_bitsandbytes_or_cuda_is_refused_naming_the_field(job):
+    qlora = spec_from_dict(job(method={"name": "qlora"}, scaling={"use_gpu": True}))
+    missing = problems(resolve(qlora, A100), A100)
+    assert missing and missing[0].startswith("method.name: qlora needs the bitsandbytes module")
+    with_bnb = Device("cuda", "NVIDIA A100", (8, 0), True, 80e9, frozenset({"bitsandbytes"}))
+    assert problems(resolve(qlora, with_bnb), with_bnb) == []
+    assert problems(resolve(qlora, ASSUMED_GPU), ASSUMED_GPU) == []  # unseen: each worker checks its own
+    with pytest.raises(SpecError, match="method.name: qlora needs CUDA GPUs"):
+        spec_from_dict(job(method={"name": "qlora"}))
+    zero3 = spec_from_dict(job(method={"name": "qlora"}, scaling={"use_gpu": True}, deepspeed={"zero_stage": 3}))
+    assert zero3.deepspeed.zero_stage == 3  # allowed: PEFT's DeepSpeed guide runs QLoRA at ZeRO-3
+
+
+def test_weights_load_where_they_train(job, monkeypatch):
+    """The from_pretrained options: a device map to the worker's own GPU at ZeRO 0-2 (QLoRA too), none under
+    ZeRO-3 partitioned loading (transformers refuses one there), none on CPU; QLoRA's 4-bit values are stored in
+    the compute dtype only where ZeRO-3 must partition them."""
+    import types
+
+    from orchestrator.train.modeling import load_options
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.ModuleType("bitsandbytes"))  # only imported, never run
+    lora = resolve(spec_from_dict(job(scaling={"use_gpu": True})), A100)
+    assert load_options(lora, partitioned=False, cuda_index=3)["device_map"] == {"": 3}
+    assert "device_map" not in load_options(lora, partitioned=True, cuda_index=3)
+    cpu = resolve(spec_from_dict(job()), CPU)
+    assert "device_map" not in load_options(cpu, partitioned=False, cuda_index=None)
+    qlora = resolve(spec_from_dict(job(method={"name": "qlora"}, scaling={"use_gpu": True})), A100)
+    stages = {partitioned: load_options(qlora, partitioned=partitioned, cuda_index=1) for partitioned in (False, True)}
+    assert stages[False]["device_map"] == {"": 1} and "device_map" not in stages[True]
+    assert stages[False]["quantization_config"].bnb_4bit_quant_storage == torch.uint8
+    assert stages[True]["quantization_config"].bnb_4bit_quant_storage == torch.bfloat16  # = compute dtype
+    assert stages[True]["quantization_config"].bnb_4bit_compute_dtype == torch.bfloat16
+
+
 def test_local_device_names_the_fix_when_a_gpu_job_sees_no_cuda():
     from orchestrator.train.device import local_device
 
@@ -173,6 +208,15 @@ class Rank:  # the WorkerContext of one of two plain processes: a gloo group, no
         if update["event"] == "samples":
             print(json.dumps(update["samples"]), flush=True)
 
+from orchestrator.train import loop
+from orchestrator.train.partitioned import is_partitioned
+built = loop.build_peft_model
+def spied(spec, labels):  # what the loop's loading gave, before DeepSpeed touched it
+    model = built(spec, labels)
+    print(json.dumps({"partitioned_at_load": is_partitioned(model)}), flush=True)
+    return model
+loop.build_peft_model = spied
+
 rank = int(os.environ["RANK"])
 final = train_worker(spec_from_dict(yaml.safe_load(open(sys.argv[1]))), Rank(rank), None, None)
 print(json.dumps({"rank": rank, "eval_loss": final["eval_loss"]}))
@@ -205,6 +249,9 @@ def test_the_loop_acts_on_the_final_deepspeed_config_not_the_spec_field(lm_job, 
     assert [rank.returncode for rank in ranks] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     lines = [json.loads(line) for line in outputs[0][0].splitlines() if line.startswith(("[", "{"))]
     assert any(isinstance(line, list) for line in lines)  # rank 0 generated its samples
+    # the HfDeepSpeedConfig was built from the final config (the JSON's stage 3, not the spec's 2)
+    loaded = [json.loads(line) for out, _ in outputs for line in out.splitlines() if "partitioned_at_load" in line]
+    assert loaded == [{"partitioned_at_load": True}] * 2
     assert Path(tmp_path, "out", "adapter", "adapter_model.safetensors").exists()
 
 

@@ -29,7 +29,7 @@ class Device:
     capability: tuple[int, int] | None = None  # CUDA compute capability
     bf16: bool = False  # bf16 arithmetic supported
     memory_bytes: float | None = None  # the device's total memory
-    packages: frozenset[str] = field(default_factory=frozenset)  # attention packages importable there
+    packages: frozenset[str] = field(default_factory=frozenset)  # attention / 4-bit packages importable there
     assumed: bool = False  # not seen: described by what the job's kind of device usually is
 
     @property
@@ -46,6 +46,7 @@ DTYPE_OF = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 KERNEL_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn"),
                    "flash_attention_3": ("flash_attn_interface", "flash-attn-3 (built from flash-attention/hopper)"),
                    "hub": ("kernels", "kernels")}
+QUANTIZATION_PACKAGE = ("bitsandbytes", "bitsandbytes")  # what method qlora needs where the workers run
 
 
 def default_device(spec: JobSpec) -> Device:
@@ -88,6 +89,11 @@ def problems(spec: JobSpec, device: Device, supports: dict[str, bool] | None = N
         found.append(f"model.attn_implementation: {attention} needs the {needed[0]} module where the workers run, "
                      f"and {device.name}'s node does not have it: pip install {needed[1]} into the workers' "
                      "environment (or use sdpa)")
+    if spec.method.name == "qlora" and device.kind == "cuda" and not device.assumed \
+            and QUANTIZATION_PACKAGE[0] not in device.packages:
+        found.append(f"method.name: qlora needs the {QUANTIZATION_PACKAGE[0]} module where the workers run, and "
+                     f"{device.name}'s node does not have it: pip install {QUANTIZATION_PACKAGE[1]} into the "
+                     "workers' environment (or use lora)")
     if attention == "flash_attention_3" and device.kind == "cuda" and device.capability is not None \
             and device.capability < (9, 0) and not device.assumed:
         found.append(f"model.attn_implementation: flash_attention_3 runs on Hopper GPUs (compute capability 9.0+); "

@@ -414,8 +414,9 @@ class JobSpec(_Strict):
              "flash_attention_2/3, or data.packing_attention: shared"),
             (self.method.name == "qlora" and not self.scaling.use_gpu, "method.name",
              "qlora needs CUDA GPUs (bitsandbytes 4-bit); set scaling.use_gpu: true or use lora"),
-            (self.method.name == "qlora" and self.deepspeed.zero_stage == 3, "method.name",
-             "a 4-bit base cannot be partitioned by ZeRO-3; use deepspeed.zero_stage 0-2"),
+            (self.method.name == "qlora" and self.deepspeed.offload_params, "deepspeed.offload_params",
+             "a 4-bit base cannot be offloaded to CPU memory (bitsandbytes computes on the GPU); set "
+             "deepspeed.offload_params: false (QLoRA at ZeRO-3 partitions it across the GPUs instead)"),
             (self.method.name != "lora" and self.retrain is not None, "method.name",
              "retrain registers and promotes LoRA adapters; use method lora"),
             (self.method.name not in ("lora", "qlora") and self.model.adapter is not None, "model.adapter",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from orchestrator.plan.precision import CPU, KERNEL_PACKAGES, Device
+from orchestrator.plan.precision import CPU, KERNEL_PACKAGES, QUANTIZATION_PACKAGE, Device
 
 
 def local_device(use_gpu: bool) -> Device:
@@ -22,7 +22,8 @@ def local_device(use_gpu: bool) -> Device:
                            "worker's CUDA_VISIBLE_DEVICES")
     index = torch.cuda.current_device()
     properties = torch.cuda.get_device_properties(index)
-    packages = frozenset(module for module, _ in KERNEL_PACKAGES.values() if importlib.util.find_spec(module))
+    packages = frozenset(module for module, _ in [*KERNEL_PACKAGES.values(), QUANTIZATION_PACKAGE]
+                         if importlib.util.find_spec(module))
     return Device("cuda", properties.name, (properties.major, properties.minor),
                   bool(torch.cuda.is_bf16_supported(including_emulation=False)), float(properties.total_memory),
                   packages)

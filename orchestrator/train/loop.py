@@ -41,6 +41,7 @@ from orchestrator.train.modeling import (
     read_deepspeed_json,
     skip_shared_memory_allreduce,
 )
+from orchestrator.train.partitioned import zero3_loading
 from orchestrator.train.session import WorkerContext
 from orchestrator.train.tasks import generate, load_data, make_task
 
@@ -79,6 +80,10 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
     plan = plan_batches(spec, task.size("train"))
     memory = PeakMemory(spec.scaling.use_gpu)
     before_model_mb = memory.now_mb()  # what the model and training add is measured from here
+    ds_config = deepspeed_config(spec, plan, user_json, prebuilt_ops())  # the final config, a user JSON's included
+    # ZeRO-3: transformers loads the base partitioned (rank 0 reading the files) only while this object lives;
+    # it is kept to the end of training, since transformers also reads it in generate (None below stage 3)
+    hf_deepspeed = zero3_loading(ds_config)
     model = build_peft_model(spec, task.label_names)
     trainable, total = parameter_counts(model)
     skip_shared_memory_allreduce()
@@ -88,7 +93,7 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
         args=SimpleNamespace(device_rank=torch.cuda.current_device()) if spec.scaling.use_gpu else None,
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(spec, plan, user_json, prebuilt_ops()),
+        config=ds_config,
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_multiplier(step, plan.total_steps, plan.warmup_steps, spec.train.scheduler)),
         dist_init_required=False,
@@ -107,7 +112,8 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
                      "global_batch_size": plan.global_batch_size, "total_steps": plan.total_steps,
                      "world_size": ctx.world_size, "precision": precision_in_use(engine),
                      "model_dtype": spec.model.dtype, "attn_implementation": spec.model.attn_implementation,
-                     "zero_stage": engine.zero_optimization_stage(), "device": device.name})
+                     "zero_stage": engine.zero_optimization_stage(), "device": device.name,
+                     "partitioned_loading": hf_deepspeed is not None})
     sink.set_tags({"orchestrator.worker_nodes": json.dumps(nodes)})
     if start_step:
         sink.set_tags({"orchestrator.resumed_from_step": str(start_step)})

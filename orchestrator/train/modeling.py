@@ -245,32 +245,65 @@ def peft_config(spec: JobSpec):
     return None
 
 
+def load_options(spec: JobSpec, partitioned: bool, cuda_index: int | None) -> dict:
+    """``from_pretrained``'s keyword arguments for a resolved spec (see :func:`build_peft_model`).
+
+    Where the weights land: under ZeRO-3 partitioned loading (``partitioned``: an ``HfDeepSpeedConfig`` alive,
+    :mod:`orchestrator.train.partitioned`) no device map, which transformers refuses there: zero.Init puts each
+    partition on the worker's device. On a GPU at stages 0-2 (``cuda_index``: the worker's own GPU, the current
+    CUDA device Ray's worker context set), a device map to that GPU, so each tensor goes from the file straight
+    onto it and host memory holds about one shard, not the whole base. On CPU none: transformers 5 keeps the
+    weights memory-mapped from the files until they are first written.
+    QLoRA: an explicit device map to the worker's GPU at stages 0-2 (bitsandbytes would otherwise quantize onto
+    whatever device is current); under ZeRO-3 transformers takes no device map and its 4-bit loader picks the
+    current device, the worker's own, and the 4-bit weights are stored in the compute dtype
+    (``bnb_4bit_quant_storage``, as PEFT's DeepSpeed guide does) so that ZeRO-3 can flatten and partition them
+    with the rest.
+    """
+    import torch
+
+    options = {"dtype": getattr(torch, _DTYPES[spec.model.dtype]), "trust_remote_code": spec.model.trust_remote_code,
+               "attn_implementation": spec.model.attn_implementation, "use_safetensors": True}
+    if spec.method.name == "qlora":
+        options["quantization_config"] = _four_bit(spec, partitioned)
+    if cuda_index is not None and not partitioned:
+        options["device_map"] = {"": cuda_index}
+    return options
+
+
 def build_peft_model(spec: JobSpec, label_names: list[str] | None):
     """Loads the base and wraps it for the job's method: PEFT freezes the base (LoRA by default; IA3, prompt or
-    prefix tuning; QLoRA on a 4-bit base); full fine-tuning returns the base with every parameter trainable."""
+    prefix tuning; QLoRA on a 4-bit base); full fine-tuning returns the base with every parameter trainable.
+
+    While an ``HfDeepSpeedConfig`` at stage 3 is alive (the training loop keeps one), the base loads
+    partitioned: each rank holds its share of every parameter, and rank 0 reads the files one shard at a time
+    (:mod:`orchestrator.train.partitioned`).
+    """
     import torch
     from peft import PeftModel, get_peft_model
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from orchestrator.train.partitioned import one_shard_at_a_time
 
     spec = resolve(spec)  # the loop passes a spec already resolved for its device; auto means that device's kind
     folder = model_folder(spec.model)
     causal = spec.model.task == "causal_lm"
-    options = {"dtype": getattr(torch, _DTYPES[spec.model.dtype]), "trust_remote_code": spec.model.trust_remote_code,
-               "attn_implementation": spec.model.attn_implementation, "use_safetensors": True}
-    if spec.method.name == "qlora":
-        options["quantization_config"] = _four_bit(spec)
-    if causal:
-        from transformers import AutoModelForCausalLM
+    cuda_index = torch.cuda.current_device() if spec.scaling.use_gpu and torch.cuda.is_available() else None
+    options = load_options(spec, is_deepspeed_zero3_enabled(), cuda_index)
+    with one_shard_at_a_time(quantized=spec.method.name == "qlora"):
+        if causal:
+            from transformers import AutoModelForCausalLM
 
-        base = AutoModelForCausalLM.from_pretrained(folder, **options)
-        base.config.use_cache = False  # training: a KV cache would also turn off packed-sequence attention masks
-    else:
-        from transformers import AutoModelForSequenceClassification
+            base = AutoModelForCausalLM.from_pretrained(folder, **options)
+            base.config.use_cache = False  # training: a KV cache would also turn off packed-sequence attention masks
+        else:
+            from transformers import AutoModelForSequenceClassification
 
-        base = AutoModelForSequenceClassification.from_pretrained(
-            folder, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-            label2id={name: i for i, name in enumerate(label_names)},
-            ignore_mismatched_sizes=True,  # a base that already has a head gets a fresh one for our labels
-            **options)
+            base = AutoModelForSequenceClassification.from_pretrained(
+                folder, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+                label2id={name: i for i, name in enumerate(label_names)},
+                ignore_mismatched_sizes=True,  # a base that already has a head gets a fresh one for our labels
+                **options)
     if spec.method.name == "qlora":
         from peft import prepare_model_for_kbit_training
 
@@ -289,9 +322,10 @@ def build_peft_model(spec: JobSpec, label_names: list[str] | None):
     return get_peft_model(base, peft_config(spec))
 
 
-def _four_bit(spec: JobSpec):  # spec: resolved (build_peft_model)
+def _four_bit(spec: JobSpec, partitioned: bool = False):  # spec: resolved (build_peft_model)
     """QLoRA's base: NF4 weights with double-quantised scales, computing in bf16 (Dettmers et al. 2023; fp16 on a
-    GPU without bf16)."""
+    GPU without bf16). Under ZeRO-3 the packed 4-bit values are stored in the compute dtype, so that DeepSpeed
+    partitions them like every other parameter (PEFT's DeepSpeed guide: bnb_4bit_quant_storage)."""
     import torch
 
     try:
@@ -300,9 +334,10 @@ def _four_bit(spec: JobSpec):  # spec: resolved (build_peft_model)
     except ImportError:
         raise SpecError("method.name: qlora needs bitsandbytes on the workers (pip install bitsandbytes) and "
                         "CUDA GPUs") from None
+    compute = torch.float16 if spec.train.precision == "fp16" else torch.bfloat16
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.float16 if spec.train.precision == "fp16"
-                              else torch.bfloat16)
+                              bnb_4bit_compute_dtype=compute,
+                              bnb_4bit_quant_storage=compute if partitioned else torch.uint8)
 
 
 def _checkpoint_activations(base) -> None:
