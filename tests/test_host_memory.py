@@ -43,6 +43,16 @@ def llama70b(tmp_path_factory) -> Path:
     return _folder(tmp_path_factory, "llama70b", LLAMA3_70B)
 
 
+@pytest.fixture(scope="module")
+def shape7b(llama7b):
+    return model_shape(_spec(llama7b), None)  # every 7B test here trains LoRA r8 on q and v
+
+
+@pytest.fixture(scope="module")
+def shape70b(llama70b):
+    return model_shape(_70b(llama70b, 3), None)  # a meta 70B takes seconds to build: once
+
+
 def _70b(folder: Path, stage: int, **sections):
     """LoRA r16 on q/k/v/o, 16 workers (2 nodes x 8 GPUs), bf16, 2,048 tokens, gradient checkpointing."""
     return _spec(folder, lora={"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
@@ -50,9 +60,8 @@ def _70b(folder: Path, stage: int, **sections):
                  scaling={"num_workers": 16, "use_gpu": True}, deepspeed={"zero_stage": stage}, **sections)
 
 
-def test_lora_r16_on_70b_over_two_nodes_of_eight_80gb_gpus_fits_at_zero3_and_not_at_zero2(llama70b):
-    spec = _70b(llama70b, 2)
-    shape = model_shape(spec, None)
+def test_lora_r16_on_70b_over_two_nodes_of_eight_80gb_gpus_fits_at_zero3_and_not_at_zero2(llama70b, shape70b):
+    spec, shape = _70b(llama70b, 2), shape70b
     assert shape.total_params == 70_553_706_496  # Llama-3-70B, counted on the meta device
     budget = Budget(GPU_80GB, workers_per_node=8)
     zero2 = fit_job(spec, shape, job_setting(spec), 8)
@@ -65,9 +74,9 @@ def test_lora_r16_on_70b_over_two_nodes_of_eight_80gb_gpus_fits_at_zero3_and_not
         fitting.check_fits(spec, shape, budget)
 
 
-def test_zero3_partitioned_loading_fits_a_1tb_node_where_loading_the_whole_base_on_every_worker_does_not(llama70b):
-    spec = _70b(llama70b, 3)
-    shape = model_shape(spec, None)
+def test_zero3_partitioned_loading_fits_a_1tb_node_where_loading_the_whole_base_on_every_worker_does_not(llama70b,
+                                                                                                         shape70b):
+    spec, shape = _70b(llama70b, 3), shape70b
     setting = job_setting(spec)
     whole = fit_job(spec, shape, setting, 8, partitioned=False).host
     parted = fit_job(spec, shape, setting, 8).host
@@ -87,7 +96,7 @@ def test_zero3_partitioned_loading_fits_a_1tb_node_where_loading_the_whole_base_
     assert offload.per_node == pytest.approx(8 * (embedding + partition + HOST_RUNTIME_GPU) + DEFAULT_SHARD)
 
 
-def test_each_setting_loads_by_its_path_and_a_device_map_holds_one_shard_per_worker(llama7b):
+def test_each_setting_loads_by_its_path_and_a_device_map_holds_one_shard_per_worker(llama7b, shape7b):
     assert loading_path(Setting("lora", 3, 1, False), gpu=True) == "partitioned"
     assert loading_path(Setting("lora", 3, 1, False), gpu=False) == "partitioned"
     assert loading_path(Setting("lora", 2, 1, False), gpu=True) == "device map"
@@ -95,15 +104,15 @@ def test_each_setting_loads_by_its_path_and_a_device_map_holds_one_shard_per_wor
     assert loading_path(Setting("lora", 2, 1, False), gpu=False) == "whole"
     assert loading_path(Setting("lora", 3, 1, False), gpu=True, partitioned=False) == "whole"
     spec = _spec(llama7b, scaling={"num_workers": 8, "use_gpu": True})
-    shape = model_shape(spec, None)
+    shape = shape7b
     found = fit_job(spec, shape, Setting("lora", 2, 4, False), 8).host
     assert found.loading == DEFAULT_SHARD < 2 * shape.total_params  # 13.5 GB base, one 5 GB shard at a time
     assert found.per_node == 8 * (DEFAULT_SHARD + HOST_RUNTIME_GPU)
 
 
-def test_optimizer_offload_keeps_16_bytes_per_trainable_parameter_in_host_ram_split_over_the_workers(llama7b):
+def test_optimizer_offload_keeps_16_bytes_per_trainable_parameter_in_host_ram_split_over_the_workers(llama7b, shape7b):
     spec = _spec(llama7b, scaling={"num_workers": 8, "use_gpu": True})
-    shape = model_shape(spec, None)
+    shape = shape7b
     plain = fit_job(spec, shape, Setting("full", 2, 4, False), 8).host
     offload = fit_job(spec, shape, Setting("full", 2, 4, False, offload_optimizer=True), 8).host
     assert plain.training == 0
@@ -113,9 +122,9 @@ def test_optimizer_offload_keeps_16_bytes_per_trainable_parameter_in_host_ram_sp
     assert lora.training == 16 * shape.lora_trainable / 8
 
 
-def test_a_cpu_job_counts_its_ram_once_the_larger_of_loading_and_training(llama7b):
+def test_a_cpu_job_counts_its_ram_once_the_larger_of_loading_and_training(llama7b, shape7b):
     spec = _spec(llama7b, scaling={"num_workers": 2}, train={"precision": "fp32"})
-    shape = model_shape(spec, None)
+    shape = shape7b
     setting = Setting("lora", 2, 4, False)
     found = fit_job(spec, shape, setting, 2)
     assert found.host.path == "whole" and found.host.loading == 4 * shape.total_params + RUNTIME_CPU
@@ -157,9 +166,10 @@ def test_workers_per_node_and_a_nodes_memory_come_from_the_spec_then_the_cluster
     assert workers_per_node(given, nodes) == 2 and node_memory(given, nodes) == (64 * GiB, "scaling.host_memory_gb")
 
 
-def test_the_recommendation_fits_the_node_too_and_the_plan_shows_host_memory_per_node(llama7b, tmp_path, capsys):
+def test_the_recommendation_fits_the_node_too_and_the_plan_shows_host_memory_per_node(llama7b, shape7b, tmp_path,
+                                                                                       capsys):
     spec = _spec(llama7b, scaling={"num_workers": 8, "use_gpu": True})
-    shape = model_shape(spec, None)
+    shape = shape7b
     budget = Budget(80 * GiB, 40 * GiB, 8)  # the device fits ZeRO-2; eight workers' shards and runtimes do not
     as_is = fit_job(spec, shape, job_setting(spec), 8)
     assert as_is.device_fits(budget) and not as_is.host_fits(budget)
