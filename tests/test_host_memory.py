@@ -103,6 +103,8 @@ def test_each_setting_loads_by_its_path_and_a_device_map_holds_one_shard_per_wor
     assert loading_path(Setting("qlora", 3, 1, False), gpu=True) == "device map"  # 4-bit: straight to the GPU
     assert loading_path(Setting("lora", 2, 1, False), gpu=False) == "whole"
     assert loading_path(Setting("lora", 3, 1, False), gpu=True, partitioned=False) == "whole"
+    assert loading_path(Setting("lora", 2, 1, False), gpu=True, partitioned=False) == "device map"
+    assert loading_path(Setting("qlora", 2, 1, False), gpu=True, device_map=False) == "whole"
     spec = _spec(llama7b, scaling={"num_workers": 8, "use_gpu": True})
     shape = shape7b
     found = fit_job(spec, shape, Setting("lora", 2, 4, False), 8).host

@@ -56,15 +56,15 @@ class Fit:
         return self.device_fits(budget) and self.host_fits(budget)
 
 
-def fit_job(spec: JobSpec, shape: ModelShape, setting: Setting, workers_per_node: int,
-            partitioned: bool = True) -> Fit:
+def fit_job(spec: JobSpec, shape: ModelShape, setting: Setting, workers_per_node: int, partitioned: bool = True,
+            device_map: bool = True) -> Fit:
     """The job at ``setting``: its device estimate and its host estimate with ``workers_per_node`` workers on a
-    node (``partitioned``: ZeRO-3 loads partitioned, see :func:`orchestrator.plan.host_memory.loading_path`)."""
+    node (``partitioned`` / ``device_map``: the loading paths, :func:`orchestrator.plan.host_memory.loading_path`)."""
     device = estimate_job(spec, shape, setting)
     unloaded = estimate_job(spec, shape, replace(setting, offload_params=False)) if setting.offload_params else device
     host = host_estimate(shape, setting, device, world=spec.scaling.num_workers, workers_per_node=workers_per_node,
                          gpu=spec.scaling.use_gpu, load_bytes=4 if resolve(spec).model.dtype == "float32" else 2,
-                         weight_partition=unloaded.weights, partitioned=partitioned)
+                         weight_partition=unloaded.weights, partitioned=partitioned, device_map=device_map)
     return Fit(device, host)
 
 

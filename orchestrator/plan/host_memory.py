@@ -12,9 +12,9 @@ estimate (:mod:`orchestrator.plan.memory`).
   node holds one shard more.
 - ``device map``: ZeRO 0-2 on a GPU, and QLoRA (4-bit weights are quantized on their way to the GPU). Each shard's
   tensors go straight to the local GPU: a worker holds about one shard.
-- ``whole``: ZeRO 0-2 on CPU, and what every setting costs without partitioned loading (``partitioned=False``):
-  each worker materializes the whole base in host RAM (total x load-dtype bytes) before DeepSpeed moves or
-  partitions it.
+- ``whole``: ZeRO 0-2 on CPU, and what a setting costs without the path above (``partitioned=False``,
+  ``device_map=False``: the loop before them): each worker materializes the whole base in host RAM (total x
+  load-dtype bytes) before DeepSpeed moves or partitions it.
 
 A shard is the checkpoint's largest file when the model folder has them (``ModelShape.largest_shard``), else
 transformers' default ``max_shard_size`` of 5 GB (or the whole model when smaller).
@@ -69,24 +69,24 @@ class HostEstimate:
         return self.workers * self.per_worker + self.reader
 
 
-def loading_path(setting: Setting, gpu: bool, partitioned: bool = True) -> str:
-    """The path the base loads by (see the module docstring): ZeRO-3 partitioned, ZeRO 0-2 and QLoRA on a GPU a
-    device map, ZeRO 0-2 on CPU (and anything with ``partitioned`` off) the whole base on every worker."""
-    if not partitioned:
-        return "whole"
+def loading_path(setting: Setting, gpu: bool, partitioned: bool = True, device_map: bool = True) -> str:
+    """The path the base loads by (see the module docstring): ZeRO-3 partitioned; ZeRO 0-2 and QLoRA on a GPU a
+    device map; ZeRO 0-2 on CPU the whole base on every worker. ``partitioned`` / ``device_map`` off: the whole
+    base on every worker instead (the loop before those paths)."""
     if setting.method == "qlora" and gpu:
-        return "device map"
+        return "device map" if device_map else "whole"
     if setting.zero_stage == 3:
-        return "partitioned"
-    return "device map" if gpu else "whole"
+        return "partitioned" if partitioned else "whole"
+    return "device map" if gpu and device_map else "whole"
 
 
 def host_estimate(shape: ModelShape, setting: Setting, device: Estimate, *, world: int, workers_per_node: int,
-                  gpu: bool, load_bytes: int, weight_partition: float, partitioned: bool = True) -> HostEstimate:
+                  gpu: bool, load_bytes: int, weight_partition: float, partitioned: bool = True,
+                  device_map: bool = True) -> HostEstimate:
     """Host RAM for one setting. ``device``: the setting's device estimate; ``load_bytes``: bytes per weight
     as loaded (the model dtype); ``weight_partition``: a worker's ZeRO-3 share of the weights in bytes (what
     parameter offload keeps in host RAM)."""
-    path = loading_path(setting, gpu, partitioned)
+    path = loading_path(setting, gpu, partitioned, device_map)
     n = max(1, world)
     whole = shape.total_params * load_bytes
     shard = min(shape.largest_shard or DEFAULT_SHARD, whole)
