@@ -116,10 +116,9 @@ def plan_table(spec: JobSpec, shape: ModelShape, budget: Budget) -> list[str]:
              f"{'on' if spec.train.gradient_checkpointing else 'off'}; GiB per device, host GiB per node:", ""]
     header = ["method", "ZeRO", "weights", "grads", "optimizer", "buckets", "activations", "runtime", "total",
               "host/node", "loading", "fits"]
-    rows = []
+    rows, known = [], budget.device is not None or budget.host is not None
     for setting in settings_for(spec):
         found = fit_job(spec, shape, setting, per_node)
-        known = budget.device is not None or budget.host is not None
         fits = "-" if not known else ("yes" if found.fits(budget) else
                                       "no (host)" if found.device_fits(budget) else "no")
         if setting.method == "qlora" and not spec.scaling.use_gpu:
