@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli import EXIT_BAD_INPUT, main
-from orchestrator.plan import memory
+from orchestrator.plan import fitting, memory
+from orchestrator.plan.fitting import Budget
 from orchestrator.plan.memory import GiB, Setting, estimate
 from orchestrator.spec import SpecError, spec_from_dict
 from orchestrator.train.shape import model_shape
@@ -41,7 +42,7 @@ def _spec(folder: Path, **sections) -> object:
            "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
            "train": {"epochs": 1, "micro_batch_size": 4, "precision": "bf16"}, "scaling": {"num_workers": 8}}
     for key, value in sections.items():
-        job[key] = {**job[key], **value}
+        job[key] = {**job.get(key, {}), **value}
     return spec_from_dict(job)
 
 
@@ -94,16 +95,16 @@ def test_recommendations_fit_and_nothing_fitting_is_said(llama7b):
     spec = _spec(llama7b, scaling={"num_workers": 8, "use_gpu": True})
     shape = model_shape(spec, None)
     as_is = memory.estimate_job(spec, shape, memory.job_setting(spec))
-    best = memory.recommend(spec, shape, 24 * GiB)
+    best = fitting.recommend(spec, shape, Budget(24 * GiB)).device
     assert as_is.total > 24 * GiB and best is not None and best.total <= 24 * GiB
     assert best.setting.micro_batch <= spec.train.micro_batch_size
     changes = memory.overrides(spec, best.setting)
     assert changes and all("=" in c for c in changes)
-    assert memory.recommend(spec, shape, 2 * GiB) is None
-    lines = "\n".join(memory.plan_table(spec, shape, 2 * GiB))
+    assert fitting.recommend(spec, shape, Budget(2 * GiB)) is None
+    lines = "\n".join(fitting.plan_table(spec, shape, Budget(2 * GiB)))
     assert "nothing fits 2.0 GiB" in lines and "QLoRA" in lines
     with pytest.raises(SpecError, match=r"needs about .* GiB per worker .* has 2.0 GiB"):
-        memory.check_fits(spec, shape, 2 * GiB, "scaling.device_memory_gb")
+        fitting.check_fits(spec, shape, Budget(2 * GiB, device_where="scaling.device_memory_gb"))
     assert memory.parse_memory("80GiB") == 80 * GiB and memory.parse_memory("80GB") == 80e9
     with pytest.raises(SpecError, match="--device-memory"):
         memory.parse_memory("lots")

@@ -62,11 +62,14 @@ def _validate(args) -> int:
     print(f"  plan: {spec.scaling.num_workers} workers x {plan.micro_batch_size} x {plan.gradient_accumulation_steps}"
           f" accumulation = global batch {plan.global_batch_size}; {plan.total_steps} steps "
           f"({plan.steps_per_epoch:g} per epoch), eval every {plan.eval_every_steps}")
-    from orchestrator.plan.memory import GiB, estimate_job, job_setting
+    from orchestrator.plan.fitting import fit_job
+    from orchestrator.plan.host_memory import workers_per_node
+    from orchestrator.plan.memory import GiB, job_setting
 
-    need = estimate_job(spec, checked.shape, job_setting(spec))
-    print(f"  memory: about {need.total / GiB:.2f} GiB per worker ({spec.method.name}; "
-          f"orchestrator plan shows every method and ZeRO stage)")
+    need = fit_job(spec, checked.shape, job_setting(spec), workers_per_node(spec, []))
+    print(f"  memory: about {need.device.total / GiB:.2f} GiB per worker, {need.host.per_node / GiB:.1f} GiB of host "
+          f"memory per node of {need.host.workers} workers ({spec.method.name}; orchestrator plan shows every method "
+          "and ZeRO stage)")
     if checked.example:
         print("  first training example, trained tokens in [[ ]]:")
         print("    " + checked.example.replace("\n", "\n    "))

@@ -1,4 +1,5 @@
-"""Memory per device before launch: ``orchestrator plan`` and the preflight of ``train`` / ``tune``.
+"""Memory per device before launch: ``orchestrator plan`` and the preflight of ``train`` / ``tune`` (host RAM
+per node: :mod:`orchestrator.plan.host_memory`; what fits both, and the plan's table: :mod:`orchestrator.plan.fitting`).
 
 Two halves. :func:`model_shape` reads the model's config and builds it on the meta device (no weights read)
 to count parameters: all of them, those in the blocks' linear layers (what a 4-bit base quantizes) and those
@@ -69,6 +70,7 @@ class ModelShape:
     gated_mlp: bool  # SwiGLU-style gate_proj/up_proj (Llama, Mistral, Qwen) vs a single fc + activation
     causal_lm: bool
     attention_dropout: float  # > 0: SDPA falls back to the math kernel, which keeps the probabilities
+    largest_shard: int | None = None  # bytes of the checkpoint's largest weight file, when the folder has them
 
 
 @dataclass(frozen=True)
@@ -240,43 +242,19 @@ def estimate_job(spec: JobSpec, shape: ModelShape, setting: Setting, gpu: bool |
                     gpu=spec.scaling.use_gpu if gpu is None else gpu)
 
 
-def recommend(spec: JobSpec, shape: ModelShape, device_memory: float, method: str = "lora") -> Estimate | None:
-    """The cheapest setting of ``method`` that fits ``device_memory`` bytes, or None."""
-    for setting in candidates(spec, method):
-        found = estimate_job(spec, shape, setting)
-        if found.total <= device_memory:
-            return found
-    return None
-
-
-def check_fits(spec: JobSpec, shape: ModelShape, device_memory: float, where: str) -> Estimate:
-    """Raises SpecError, with the numbers and a setting that fits (if any), when the job as specified does not
-    fit ``device_memory`` bytes per worker; returns the estimate."""
-    found = estimate_job(spec, shape, job_setting(spec))
-    if found.total <= device_memory:
-        return found
-    better = recommend(spec, shape, device_memory, found.setting.method)
-    advice = (f"this fits: {better.setting.describe()} ({better.total / GiB:.1f} GiB)" if better else
-              "nothing LoRA can do fits; use larger devices or more of them with ZeRO-3")
-    raise SpecError(
-        f"memory: the job needs about {found.total / GiB:.1f} GiB per worker ({breakdown(found)}) but {where} "
-        f"has {device_memory / GiB:.1f} GiB; {advice}. (orchestrator plan JOB shows the table; pass "
-        "--skip-memory-check to launch anyway)")
-
-
 def breakdown(found: Estimate) -> str:
     parts = [("weights", found.weights), ("gradients", found.gradients), ("optimizer", found.optimizer),
              ("buckets", found.buffers), ("activations", found.activations), ("runtime", found.runtime)]
     return ", ".join(f"{name} {value / GiB:.2f}" for name, value in parts if value)
 
 
-def parse_memory(text: str) -> float:
-    """'80GiB', '80GB', '24 GiB', '512MiB', or a number of GiB; returns bytes."""
+def parse_memory(text: str, flag: str = "--device-memory") -> float:
+    """'80GiB', '80GB', '24 GiB', '512MiB', or a number of GiB; returns bytes. ``flag`` names the option in errors."""
     import re
 
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B)?\s*", text or "", re.IGNORECASE)
     if not match:
-        raise SpecError(f"--device-memory: '{text}' is not a size like 80GiB, 24GB or 512MiB")
+        raise SpecError(f"{flag}: '{text}' is not a size like 80GiB, 24GB or 512MiB")
     unit = (match.group(2) or "GiB").upper()
     scale = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}[unit[0]]
     if "I" not in unit:
@@ -320,47 +298,3 @@ def heaviest(spec: JobSpec) -> JobSpec:
         section, key = path.split(".")
         raw[section][key] = largest
     return spec_from_dict(raw)
-
-
-def plan_table(spec: JobSpec, shape: ModelShape, device_memory: float | None) -> list[str]:
-    """The lines ``orchestrator plan`` prints: every method at every ZeRO stage, then the recommendation."""
-    world = spec.scaling.num_workers
-    share = 100 * shape.lora_trainable / shape.total_params
-    lines = [f"model: {spec.model.path} ({shape.total_params / 1e6:.1f}M parameters, {shape.layers} layers, hidden "
-             f"{shape.hidden}); LoRA r={spec.lora.r} trains {shape.lora_trainable / 1e6:.2f}M ({share:.2f}%)",
-             f"job:   {world} data-parallel workers, micro-batch {spec.train.micro_batch_size} x "
-             f"{spec.data.max_length} tokens, precision {resolve(spec).train.precision}, gradient checkpointing "
-             f"{'on' if spec.train.gradient_checkpointing else 'off'}; GiB per device:", ""]
-    header = ["method", "ZeRO", "weights", "grads", "optimizer", "buckets", "activations", "runtime", "total", "fits"]
-    rows = []
-    for setting in settings_for(spec):
-        found = estimate_job(spec, shape, setting)
-        fits = "-" if device_memory is None else ("yes" if found.total <= device_memory else "no")
-        if setting.method == "qlora" and not spec.scaling.use_gpu:
-            fits = "needs a CUDA GPU"
-        rows.append([setting.method, str(setting.zero_stage)] +
-                    [f"{v / GiB:.2f}" for v in (found.weights, found.gradients, found.optimizer, found.buffers,
-                                                found.activations, found.runtime, found.total)] + [fits])
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines += ["  ".join(c.rjust(w) if 1 <= i <= 8 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-              for r in [header, *rows]]
-    lines.append("")
-    if device_memory is None:
-        lines.append("pass --device-memory (e.g. 80GiB) for a recommendation")
-        return lines
-    job = estimate_job(spec, shape, job_setting(spec))
-    lines.append(f"as specified ({job.setting.describe()}): {job.total / GiB:.2f} GiB per device of "
-                 f"{device_memory / GiB:.1f} GiB: {'fits' if job.total <= device_memory else 'does NOT fit'}")
-    if job.total <= device_memory:
-        return lines
-    for method in ("lora", "qlora") if spec.scaling.use_gpu else ("lora",):
-        best = recommend(spec, shape, device_memory, method)
-        if best:
-            changes = overrides(spec, best.setting)
-            lines.append(f"recommended: {best.setting.describe()}: {best.total / GiB:.2f} GiB per device"
-                         + (f" (overrides: {' '.join(changes)})" if changes else " (the job as it is)"))
-            return lines
-    lines.append(f"nothing fits {device_memory / GiB:.1f} GiB per device: not LoRA at any ZeRO stage, micro-batch, "
-                 "checkpointing or offload" + (" nor QLoRA" if spec.scaling.use_gpu else "") +
-                 "; use devices with more memory, or more workers with ZeRO-3")
-    return lines

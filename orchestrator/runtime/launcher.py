@@ -202,12 +202,15 @@ def device_memory(spec: JobSpec, nodes: list[dict[str, float]], device=None) -> 
 
 
 def check_memory(spec: JobSpec, shape, nodes: list[dict[str, float]], device=None) -> None:
-    """Refuses, with the numbers, a job whose estimate (:mod:`orchestrator.plan.memory`) exceeds a worker's device."""
-    from orchestrator.plan.memory import check_fits
+    """Refuses, with the numbers, a job whose estimate exceeds a worker's device (:mod:`orchestrator.plan.memory`)
+    or a node's RAM (:mod:`orchestrator.plan.host_memory`), each checked where it is known."""
+    from orchestrator.plan.fitting import Budget, check_fits
+    from orchestrator.plan.host_memory import node_memory, workers_per_node
 
     available, where = device_memory(spec, nodes, device)
-    if available is not None:
-        check_fits(spec, shape, available, where)
+    host, host_where = node_memory(spec, nodes)
+    if available is not None or host is not None:
+        check_fits(spec, shape, Budget(available, host, workers_per_node(spec, nodes), where, host_where))
 
 
 def run_training(spec: JobSpec, tracking_uri: str, run_id: str, on_progress: Callable[[dict], None],

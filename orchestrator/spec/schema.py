@@ -160,6 +160,14 @@ class ScalingSpec(_Strict):
     device_memory_gb: float | None = Field(
         None, gt=0, description="Memory of one worker's device (a GPU's memory; on CPU, the RAM one worker may "
                                 "use) for the preflight memory check. Default: read from the cluster.")
+    host_memory_gb: float | None = Field(
+        None, gt=0, description="Host RAM of one node, for the preflight check of what the workers on a node hold "
+                                "while loading the base and training (CPU offload included). Default: read from "
+                                "the cluster (a node's Ray memory).")
+    workers_per_node: PositiveInt | None = Field(
+        None, description="How many of the job's workers share one node, for the host-memory check (it does not "
+                          "place them). Default: what a node of the cluster holds; before Ray starts, num_workers "
+                          "up to 8 on a GPU job (8 GPUs a node), all of them on CPU.")
     collective_timeout_s: PositiveInt = Field(
         1800, description="How long a collective (all-reduce, gather) may wait for the other workers before the "
                           "process group fails the run (torch's timeout: a hung or lost rank).")

@@ -46,7 +46,36 @@ def model_shape(spec: JobSpec, num_labels: int | None) -> ModelShape:
         kv_hidden=hidden // heads * kv_heads, intermediate=_get(config, "intermediate_size", "n_inner") or 4 * hidden,
         heads=heads, vocab=getattr(config, "vocab_size", 0), gated_mlp=gated, causal_lm=spec.model.task == "causal_lm",
         attention_dropout=float(getattr(config, "attention_probs_dropout_prob", None)
-                                or getattr(config, "attention_dropout", 0.0) or 0.0))
+                                or getattr(config, "attention_dropout", 0.0) or 0.0),
+        largest_shard=largest_shard(spec))
+
+
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
+
+
+def largest_shard(spec: JobSpec) -> int | None:
+    """Bytes of the model folder's largest weight file (what one reader holds while loading); from the index's
+    total size over its shards when only the index is there; None for a folder without weights (a config
+    alone, or a hub name not yet downloaded)."""
+    import json
+    from pathlib import Path
+
+    from orchestrator.train.modeling import model_folder
+
+    folder = Path(model_folder(spec.model))
+    if not folder.is_dir():
+        return None
+    sizes = [p.stat().st_size for pattern in WEIGHT_FILES for p in folder.glob(pattern)]
+    if sizes:
+        return max(sizes)
+    for index in folder.glob("*.index.json"):
+        try:
+            found = json.loads(index.read_text())
+            shards = set(found["weight_map"].values())
+            return int(found["metadata"]["total_size"] / max(1, len(shards)))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def attention_support(spec: JobSpec) -> dict[str, bool]:

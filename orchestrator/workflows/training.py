@@ -26,7 +26,7 @@ def train(spec: JobSpec, verbose: bool = False, console: TrainingConsole | None 
 
     Raises:
         SpecError: bad input, found before any Ray worker starts (nothing is written), including a job whose
-            memory estimate exceeds a worker's device (unless ``check_memory`` is False).
+            memory estimate exceeds a worker's device or a node's RAM (unless ``check_memory`` is False).
         TrainingFailed: the workers failed beyond ``scaling.max_failures``.
         TrackingUnavailable: trained, but the tracking store stopped answering; the adapter is on disk.
     """
@@ -36,14 +36,15 @@ def train(spec: JobSpec, verbose: bool = False, console: TrainingConsole | None 
 
     checked = preflight(spec)
     tracking.check_reachable(spec)
-    if check_memory and spec.scaling.device_memory_gb:  # known without a cluster: refuse before Ray starts
+    known = spec.scaling.device_memory_gb or spec.scaling.host_memory_gb  # without a cluster: refuse before Ray
+    if check_memory and known:
         launcher.check_memory(checked.planned, checked.shape, [])
     spec = with_local_adapter(spec, checked.data.label_names)
     launcher.connect(verbose)
     launcher.check_placement(spec)
     device = launcher.probe_device(spec)  # a GPU job: what its workers' GPUs are (precision, kernels, memory)
     planned = as_run_on(spec, device)
-    if check_memory and not spec.scaling.device_memory_gb:
+    if check_memory and not (spec.scaling.device_memory_gb and spec.scaling.host_memory_gb):
         launcher.check_memory(planned, checked.shape, launcher.cluster_nodes(), device)
     uri, run_id = tracking.start_run(spec, data_inputs(checked.data))
     sinks.deliver_pending(uri, run_id, spec.output_dir)  # what an earlier run could not deliver

@@ -87,7 +87,7 @@ def tune(spec: JobSpec, resume: bool = False, verbose: bool = False, console: St
 
         heavy = heaviest(spec)  # the largest rank, micro-batch and length the space can pick must fit
         heavy_shape = model_shape(heavy, len(labels) if labels else None)
-        if spec.scaling.device_memory_gb:  # known without a cluster: refuse before Ray starts
+        if spec.scaling.device_memory_gb or spec.scaling.host_memory_gb:  # known without a cluster: before Ray
             launcher.check_memory(as_run_on(heavy, None), heavy_shape, [])
     launcher.connect(verbose)
     nodes = launcher.cluster_nodes()
@@ -96,7 +96,7 @@ def tune(spec: JobSpec, resume: bool = False, verbose: bool = False, console: St
         raise SpecError(f"one trial does not fit the cluster: {problem}")
     device = launcher.probe_device(spec)  # a GPU job: what its workers' GPUs are (precision, kernels, memory)
     as_run_on(spec, device)
-    if check_memory and not spec.scaling.device_memory_gb:
+    if check_memory and not (spec.scaling.device_memory_gb and spec.scaling.host_memory_gb):
         launcher.check_memory(as_run_on(heavy, device), heavy_shape, nodes, device)
     study = plan_study(spec, nodes, checked.plan)
 
