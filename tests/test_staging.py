@@ -172,3 +172,13 @@ def test_the_filesystem_of_a_path_is_its_longest_mount_point():
     assert filesystem_type("/mnt/my bucket/model", mounts) == "fuse.s3fs"
     assert [is_network_filesystem(filesystem_type(p, mounts)) for p in
             ("/mnt/shared/m", "/mnt/my bucket/m", "/mnt/overlay/m", "/home/m")] == [True, True, False, False]
+
+
+def test_a_relative_cache_dir_is_made_absolute_and_a_home_one_left_for_each_node(tmp_path, monkeypatch, job):
+    from orchestrator.spec import spec_from_dict
+
+    monkeypatch.chdir(tmp_path)
+    relative = spec_from_dict(job(model={"local_cache_dir": "cache"}))
+    assert relative.model.local_cache_dir == str(tmp_path.resolve() / "cache")
+    assert spec_from_dict(job(model={"local_cache_dir": "~/bases"})).model.local_cache_dir == "~/bases"
+    assert staging.cache_root(ModelSpec(path="x", local_cache_dir="~/bases")) == Path.home() / "bases"
