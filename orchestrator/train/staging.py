@@ -15,7 +15,7 @@ are evicted before a new copy, never one a live worker holds (each holder keeps 
 ``.use`` file until its process exits; eviction needs the exclusive lock). A base larger than the bound, or than the
 disk's free space, loads from ``model.path`` with a warning giving the numbers.
 
-One lock per cache: a node stages one base at a time. The workers that did not copy wait at the loop's next
+One lock per cache: a node stages one base at a time. The ranks that are ready first wait at the loop's next
 collective, so the node's first copy must finish within ``scaling.collective_timeout_s`` (140 GB at the 212 MB/s
 measured on a small CPU box is 11 minutes, under the default 30).
 """
