@@ -45,6 +45,8 @@ def study(ray_cluster, mlflow_server, tiny_model, tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     raw = study_job(lambda **s: tiny_job(root, tiny_model, tiny_data, **s))
     raw["tracking"] = {"uri": mlflow_server, "experiment": "studies"}
+    # the tiny model's folder stands in for shared storage; the study's own cache, so the count below is this study's
+    raw["model"] = {**raw["model"], "stage_to_local": "always", "local_cache_dir": str(root / "bases")}
     spec = spec_from_dict(raw)
     output = io.StringIO()
     before = {actor.actor_id for actor in list_actors(limit=10_000)}
@@ -139,6 +141,24 @@ def test_the_best_trial_is_registered_as_challenger(study):
     assert result.best.history[-1]["eval_loss"] == min(o.history[-1]["eval_loss"] for o in finished)
     files = {a.path for a in client.list_artifacts(version.run_id, "adapter")}
     assert "adapter/adapter_model.safetensors" in files and "adapter/adapter_config.json" in files
+
+
+def test_the_search_reads_the_base_from_model_path_once_and_every_trial_loads_the_node_copy(study):
+    """Issue 20.7: 4 trials x 1 worker on the 1-node cluster read model.path once (the staging copy), not 4 times."""
+    from mlflow import MlflowClient
+
+    from orchestrator.train.staging import list_source
+
+    spec, result, _ = study
+    client = MlflowClient(result.tracking_uri)
+    children = client.search_runs([client.get_run(result.parent_run_id).info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    model_bytes = sum(f.size for f in list_source(Path(spec.model.path)))
+    assert sorted(int(c.data.tags["orchestrator.base_bytes_staged"]) for c in children) == [0, 0, 0, model_bytes]
+    cache = Path(spec.model.local_cache_dir)
+    assert {Path(c.data.tags["orchestrator.base_loaded_from"]).parent for c in children} == {cache}
+    adapter = client.download_artifacts(result.best.run_id, "adapter/adapter_config.json")
+    assert json.loads(Path(adapter).read_text())["base_model_name_or_path"] == spec.model.path  # not the copy
 
 
 def test_the_summary_gives_rank_advice_and_the_console_showed_every_trial(study):

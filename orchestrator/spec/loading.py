@@ -166,6 +166,9 @@ def _resolve_paths(spec: JobSpec) -> JobSpec:
     if Path(model_path).expanduser().exists() or model_path.startswith((".", "/", "~")):
         model_path = _absolute(model_path)
     data = spec.data.model_copy(update={k: _absolute(getattr(spec.data, k)) for k in ("train", "validation", "test")})
+    cache_dir = spec.model.local_cache_dir  # "~" stays for each worker to expand: a node's own home
+    if cache_dir and not cache_dir.startswith("~"):
+        cache_dir = _absolute(cache_dir)
     adapter = spec.model.adapter
     if adapter and not adapter.startswith("models:/"):
         adapter = _absolute(adapter)
@@ -175,7 +178,8 @@ def _resolve_paths(spec: JobSpec) -> JobSpec:
             "root": _absolute(retrain.data.root)})})
     return spec.model_copy(update={
         "output_dir": _absolute(spec.output_dir),
-        "model": spec.model.model_copy(update={"path": model_path, "adapter": adapter}),
+        "model": spec.model.model_copy(update={"path": model_path, "adapter": adapter,
+                                                "local_cache_dir": cache_dir}),
         "retrain": retrain,
         "data": data,
         "deepspeed": spec.deepspeed.model_copy(update={"config": _absolute(spec.deepspeed.config)}),

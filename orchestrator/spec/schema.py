@@ -56,6 +56,17 @@ class ModelSpec(_Strict):
     adapter: str | None = Field(
         None, description="Continue training this PEFT adapter instead of a fresh LoRA: a folder, "
                           "models:/NAME@alias or models:/NAME/VERSION. Its LoRA settings replace the lora section.")
+    stage_to_local: Literal["auto", "always", "never"] = Field(
+        "auto", description="Copy a model.path folder once per node into a node-local cache and load every trial "
+                            "and worker from there: auto when the folder is on a network filesystem (nfs, cifs, "
+                            "lustre, gpfs, beegfs, ceph, fuse mounts), always, or never. Hub ids and GGUF files "
+                            "are cached by their own loaders.")
+    local_cache_dir: str | None = Field(
+        None, description="The node-local cache of staged bases; null: $ORCHESTRATOR_CACHE/bases "
+                          "(default ~/.cache/orchestrator/bases).")
+    local_cache_gb: float | None = Field(
+        None, gt=0, description="At most this many GB of staged bases per node (least recently used evicted first; "
+                                "a base larger than this loads from model.path); null: half the cache's disk.")
 
 
     @field_validator("attn_implementation")

@@ -39,10 +39,12 @@ from orchestrator.train.modeling import (
     parameter_counts,
     prebuilt_ops,
     read_deepspeed_json,
+    resolve_model_path,
     skip_shared_memory_allreduce,
 )
 from orchestrator.train.partitioned import zero3_loading
 from orchestrator.train.session import WorkerContext
+from orchestrator.train.staging import stage_base
 from orchestrator.train.tasks import generate, load_data, make_task
 
 ADAPTER_DIR = "adapter"
@@ -66,6 +68,9 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
     wrong = problems(spec, device)  # preflight checked a probed (or assumed) device; this is the real one
     if wrong:
         raise RuntimeError("; ".join(wrong))
+    staged = stage_base(spec.model, warn=lambda text: ctx.progress({"event": "warning", "text": text}))
+    if staged.folder:  # the tokenizer, config and weights all load from this node's copy; `given` keeps model.path
+        spec = spec.model_copy(update={"model": spec.model.model_copy(update={"path": staged.folder})})
     use_tf32(device)
     torch.manual_seed(spec.train.seed)
     if not spec.scaling.use_gpu:
@@ -75,6 +80,10 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
         sink = BufferedSink(MlflowSink(tracking_uri, run_id), str(Path(spec.output_dir, PENDING_FILE)),
                             spec.tracking.max_pending, spec.tracking.retry_every_s,
                             warn=lambda text: ctx.progress({"event": "warning", "text": text}))
+    copied: list[int | None] = [None] * ctx.world_size
+    dist.all_gather_object(copied, staged.copied_bytes)  # bytes this trial read from model.path to stage it
+    sink.set_tags({"orchestrator.base_loaded_from": staged.loads_from,
+                   "orchestrator.base_bytes_staged": str(sum(n or 0 for n in copied))})
     tokenizer = AutoTokenizer.from_pretrained(model_folder(spec.model))
     task = make_task(spec, load_data(spec), tokenizer)  # classification or causal LM: data, batches, metrics
     plan = plan_batches(spec, task.size("train"))
@@ -318,6 +327,9 @@ def save_adapter(engine, spec: JobSpec, tokenizer, label_names: list[str] | None
         return str(target)
     Path(spec.output_dir).mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=".adapter-", dir=spec.output_dir))
+    if spec.model.gguf_file is None:  # the base as the job names it, not this node's staged copy of it
+        for config in getattr(model, "peft_config", {}).values():
+            config.base_model_name_or_path = resolve_model_path(spec.model.path)
     model.save_pretrained(partial, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(partial)
     if label_names is not None:
