@@ -1,7 +1,7 @@
 # make demo: install, then train the embedded default job.  make test: install, then run every test tier
 # (and the stock-Ray pass).  make gpu-wheels: the wheels a bare GPU machine lacks, into .whl/ (built here,
 # from .venv's versions).  make gpu-check: on a CUDA machine, tests/test_gpu.py and the 1B LoRA throughput
-# benchmark (tests/gpu_check.sh; under 8 minutes on one H200; skips without a GPU).
+# benchmark (tests/gpu_check.sh; under 9 minutes on one H200; skips without a GPU).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
@@ -44,7 +44,9 @@ bench: install
 GPU_WHEELS ?= .whl
 GPU_PYTHON_VERSION ?= 3.12
 GPU_WHEEL_PACKAGES := pydantic pydantic-core annotated-types typing-inspection typing-extensions hjson peft
-GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
+# QLoRA's 4-bit kernels (41 MB; not in .venv, which has no CUDA): the GPU check's QLoRA tests skip without it.
+GPU_BITSANDBYTES ?= bitsandbytes==0.50.2
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_24_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
 VENV_VERSIONS = $(PY) -c 'import importlib.metadata as m, sys; print(*(f"{n}=={m.version(n)}" for n in sys.argv[1:]))'
 
 gpu-wheels: install
@@ -54,6 +56,9 @@ gpu-wheels: install
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --implementation cp \
 		--python-version $(GPU_PYTHON_VERSION) $(addprefix --platform ,$(GPU_PLATFORMS)) -d $(GPU_WHEELS) \
 		$$($(VENV_VERSIONS) $(GPU_WHEEL_PACKAGES))
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --implementation cp \
+		--python-version $(GPU_PYTHON_VERSION) $(addprefix --platform ,$(GPU_PLATFORMS)) -d $(GPU_WHEELS) \
+		$(GPU_BITSANDBYTES)
 	@ls -s1 --block-size=K $(GPU_WHEELS) && du -sh $(GPU_WHEELS)
 
 # No install prerequisite: the GPU machine has no registry. There python3 holds torch; here .venv's python

@@ -74,3 +74,48 @@ def test_flash_attention_trains_packed_rows_padding_free(lm_job, nccl):
                                  data={"packing": True}, train={"micro_batch_size": 4, "epochs": 1}))
     final = train_worker(spec, nccl("ckpt"), None, None)
     assert final["eval_loss"] > 0
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_the_base_loads_straight_onto_the_workers_gpu(lm_job, nccl, stage, monkeypatch):
+    """Issue 20, points 1-2: at ZeRO-2 a device map puts every weight on the worker's GPU as it is read; at
+    ZeRO-3 zero.Init puts each rank's partition there. Checked on what the loop's loading returned, before
+    DeepSpeed touched it."""
+    from orchestrator.train import loop
+    from orchestrator.train.partitioned import is_partitioned
+
+    seen = {}
+    built = loop.build_peft_model
+
+    def spied(spec, labels):
+        model = built(spec, labels)
+        base = [p for n, p in model.named_parameters() if "lora_" not in n]
+        seen["devices"] = {getattr(p, "ds_tensor", p).device.type for p in base}
+        seen["partitioned"] = is_partitioned(model)
+        return model
+
+    monkeypatch.setattr(loop, "build_peft_model", spied)
+    spec = spec_from_dict(lm_job(scaling={"num_workers": 1, "use_gpu": True}, deepspeed={"zero_stage": stage},
+                                 generation={"num_prompts": 1, "max_new_tokens": 4},
+                                 train={"epochs": None, "max_steps": 4, "eval_every_steps": 4}))
+    final = train_worker(spec, nccl("ckpt"), None, None)
+    assert seen["devices"] == {"cuda"} and seen["partitioned"] == (stage == 3)
+    assert final["eval_loss"] > 0
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_qlora_trains_on_the_workers_gpu_at_zero2_and_zero3(lm_job, nccl, stage):
+    """Issue 20, point 3: QLoRA with an explicit device map (ZeRO-2), and at ZeRO-3 with the 4-bit values stored
+    in the compute dtype so that ZeRO-3 partitions them (PEFT's DeepSpeed guide). Needs bitsandbytes (the GPU
+    check installs the wheel `make gpu-wheels` downloads)."""
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+
+    spec = spec_from_dict(lm_job(method={"name": "qlora"}, scaling={"num_workers": 1, "use_gpu": True},
+                                 deepspeed={"zero_stage": stage}, generation={"num_prompts": 0},
+                                 train={"epochs": None, "max_steps": 6, "eval_every_steps": 6,
+                                        "learning_rate": 3e-3}))
+    final = train_worker(spec, nccl("ckpt"), None, None)
+    assert final["eval_loss"] > 0
+    adapter = load_file(Path(spec.output_dir, "adapter", "adapter_model.safetensors"))
+    assert any("lora_B" in name and float(t.float().abs().max()) > 0 for name, t in adapter.items())
