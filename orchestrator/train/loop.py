@@ -42,7 +42,7 @@ from orchestrator.train.modeling import (
     resolve_model_path,
     skip_shared_memory_allreduce,
 )
-from orchestrator.train.partitioned import zero3_loading
+from orchestrator.train.partitioned import cast_unpartitioned, zero3_loading
 from orchestrator.train.session import WorkerContext
 from orchestrator.train.staging import stage_base
 from orchestrator.train.tasks import generate, load_data, make_task
@@ -94,6 +94,8 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
     # it is kept to the end of training, since transformers also reads it in generate (None below stage 3)
     hf_deepspeed = zero3_loading(ds_config)
     model = build_peft_model(spec, task.label_names)
+    if hf_deepspeed is not None:
+        cast_unpartitioned(model, ds_config)  # what PEFT added after the partitioned load
     trainable, total = parameter_counts(model)
     skip_shared_memory_allreduce()
     engine, *_ = deepspeed.initialize(

@@ -94,6 +94,26 @@ def one_shard_at_a_time(quantized: bool = False):
         modeling_utils.load_state_dict, modeling_utils._load_state_dict_into_zero3_model = read, copy_in
 
 
+def cast_unpartitioned(model, deepspeed_config: dict) -> None:
+    """Casts the floating-point parameters that are not ZeRO-3 parameters to the config's mixed precision.
+
+    DeepSpeed casts a module to bf16/fp16 only when it was not built under zero.Init
+    (``DeepSpeedEngine._cast_module_mixed_precision``: zero.Init parameters already have the config's dtype).
+    What PEFT adds after loading is not: the adapter (fp32, PEFT's ``autocast_adapter_dtype``) and a copied
+    classifier head, and ZeRO-3 refuses to flatten a mix of dtypes. Cast here, they train as they do below
+    stage 3 (bf16 weights, fp32 master copies in the optimizer).
+    """
+    import torch
+
+    dtype = (torch.bfloat16 if deepspeed_config.get("bf16", {}).get("enabled") else
+             torch.float16 if deepspeed_config.get("fp16", {}).get("enabled") else None)
+    if dtype is None or not any(hasattr(param, "ds_id") for param in model.parameters()):
+        return  # not built under zero.Init (a 4-bit base): DeepSpeed casts the whole module itself
+    for param in model.parameters():
+        if not hasattr(param, "ds_id") and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
 def is_partitioned(model) -> bool:
     """Every parameter of the base (PEFT's adapter weights, made after loading, left out) is a ZeRO-3 parameter
     whose full value is not held here (``ds_status`` NOT_AVAILABLE)."""
