@@ -123,7 +123,7 @@ def test_sampling_under_zero3_gathers_once_per_call_and_completes_as_without_it(
     fetch = PartitionedParameterCoordinator.fetch_sub_module
     monkeypatch.setattr(PartitionedParameterCoordinator, "fetch_sub_module",
                         lambda self, module, forward: fetches.append(module) or fetch(self, module, forward))
-    batch = tokenizer(prompts[:1], return_tensors="pt", add_special_tokens=False)
+    batch = tokenizer(prompts[:1], return_tensors="pt", add_special_tokens=False).to(engine.device)
     loss_before = engine(**batch, labels=batch["input_ids"]).loss.item()
 
     def sample(max_new_tokens: int, notices: list[str]) -> tuple[list[str], int, int]:
