@@ -6,6 +6,11 @@ Real DeepSpeed, in-process (a world-size-1 gloo group); ZeRO-3 partitions and ga
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,7 +97,7 @@ def _zero3_engine(folder: Path):
 
     skip_shared_memory_allreduce()
     model = AutoModelForCausalLM.from_pretrained(folder)
-    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": 1,
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
               "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
                                     "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0}}
@@ -154,6 +159,57 @@ def test_sampling_under_zero3_gathers_once_per_call_and_completes_as_without_it(
         assert whole_model_gathers == 0 and len(notices) == 1 and "does not fit" in notices[0]
         per_call.append(layer_fetches)
     assert per_call[1] > 2 * per_call[0]  # the synced path gathers every layer again at each token
+
+
+TWO_RANKS = """
+import json, os, sys
+from pathlib import Path
+import torch.distributed as dist
+from transformers import AutoTokenizer
+from orchestrator.train import zero3
+from orchestrator.train.tasks import generate
+from tests.test_zero3 import _zero3_engine
+
+dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=2)
+folder, prompts = Path(sys.argv[1]), json.loads(sys.argv[2])
+tokenizer, engine = AutoTokenizer.from_pretrained(folder), _zero3_engine(folder)
+shares = []
+texts = zero3.generate_zero3(engine, prompts, lambda rendered, synced: shares.append(len(rendered)) or generate(
+    engine.module, tokenizer, rendered, 8, add_special_tokens=False, synced=synced, device=engine.device), print)
+print(json.dumps({"texts": texts, "shares": shares}))
+"""
+
+
+def test_two_ranks_share_the_prompts_and_each_gets_every_completion_in_order(tiny_llama):
+    """Gathered, each rank completes every other prompt; both end with all completions, in the prompts' order,
+    equal to the plain model's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from orchestrator.train.tasks import generate
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"question : {words}"}], tokenize=False,
+                                             add_generation_prompt=True)
+               for words in ("my invoice is late", "battery broken again", "password locked today")]
+    expected = generate(AutoModelForCausalLM.from_pretrained(tiny_llama), tokenizer, prompts, 8,
+                        add_special_tokens=False)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": port, "WORLD_SIZE": "2", "DS_ACCELERATOR": "cpu"}
+    ranks = [subprocess.Popen([sys.executable, "-c", TWO_RANKS, str(tiny_llama), json.dumps(prompts)],
+                              env={**env, "RANK": r, "LOCAL_RANK": r}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in ("0", "1")]
+    try:
+        outputs = [rank.communicate(timeout=300) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert [r["shares"] for r in results] == [[2], [1]]  # prompts 0 and 2 on rank 0, prompt 1 on rank 1
+    assert [r["texts"] for r in results] == [expected, expected]
 
 
 def test_the_gathered_model_must_fit_every_rank():
