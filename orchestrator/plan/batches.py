@@ -142,7 +142,9 @@ def deepspeed_config(spec: JobSpec, plan: BatchPlan, user_config: dict[str, Any]
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": spec.scaling.use_gpu}
     if ds.zero_stage == 3:
-        # Saving the adapter gathers the (small) trainable parameters itself; no 16-bit full-model gather.
+        # Off: it gates only DeepSpeed's own save_16bit_model (a pickled pytorch_model.bin), which we never call.
+        # Our save gathers an adapter's (small) trainable parameters itself, and a fully fine-tuned model one
+        # module at a time (orchestrator.train.zero3.consolidated_state_dict), whatever a user JSON sets here.
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     return {
         **batch,

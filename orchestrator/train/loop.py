@@ -46,6 +46,7 @@ from orchestrator.train.partitioned import cast_unpartitioned, zero3_loading
 from orchestrator.train.session import WorkerContext
 from orchestrator.train.staging import stage_base
 from orchestrator.train.tasks import generate, load_data, make_task
+from orchestrator.train.zero3 import consolidated_state_dict, generate_zero3
 
 ADAPTER_DIR = "adapter"
 SAMPLES_TABLE = "samples.json"  # the MLflow table of generated completions (causal LM)
@@ -160,15 +161,27 @@ def train_worker(spec: JobSpec, ctx: WorkerContext, tracking_uri: str | None, ru
     prompts = task.sample_prompts() if spec.model.task == "causal_lm" else []
     zero3 = engine.zero_optimization_stage() == 3  # the final config's stage (a user JSON may set it)
 
+    noticed: set[str] = set()  # notices already shown (a too-large model's sampling path: once per job)
+
+    def notice(text: str) -> None:
+        if ctx.rank == 0 and text not in noticed:
+            noticed.add(text)
+            ctx.progress({"event": "warning", "text": text})
+
     def samples(step: int) -> None:
         """Completions for the fixed prompts, logged as rows of an MLflow table (rank 0; all ranks under ZeRO-3,
-        whose partitioned parameters need every rank in each forward pass)."""
+        whose partitioned parameters need every rank: gathered once per call where the model fits)."""
         if not prompts or not (ctx.rank == 0 or zero3):
             return
         shown = [readable for readable, _ in prompts]
-        texts = generate(engine.module, tokenizer, [rendered for _, rendered in prompts],
-                         spec.generation.max_new_tokens, add_special_tokens=not task.prompts_have_special_tokens,
-                         synced=zero3, device=engine.device)
+
+        def complete(rendered: list[str], synced: bool) -> list[str]:
+            return generate(engine.module, tokenizer, rendered, spec.generation.max_new_tokens,
+                            add_special_tokens=not task.prompts_have_special_tokens, synced=synced,
+                            device=engine.device)
+
+        rendered = [text for _, text in prompts]
+        texts = generate_zero3(engine, rendered, complete, notice) if zero3 else complete(rendered, False)
         if ctx.rank == 0:
             sink.log_table({"step": [step] * len(texts), "prompt": shown, "completion": texts}, SAMPLES_TABLE)
             ctx.progress({"event": "samples", "step": step, "samples": list(zip(shown, texts))})
@@ -312,7 +325,9 @@ def precision_in_use(engine) -> str:
 def save_adapter(engine, spec: JobSpec, tokenizer, label_names: list[str] | None, rank: int) -> str:
     """Writes the trained adapter in plain PEFT format to ``output_dir/adapter`` (atomically, rank 0).
 
-    Under ZeRO-3 the trainable parameters are partitioned across ranks, so every rank joins the gather; the
+    Under ZeRO-3 the trainable parameters are partitioned across ranks, so every rank joins the gather: an
+    adapter's (small) trainable parameters at once; a fully fine-tuned model one module at a time onto rank 0's
+    CPU (:func:`orchestrator.train.zero3.consolidated_state_dict`), never the whole model on every rank. The
     saved tensors are then checked to be non-empty, finite and trained (LoRA B starts at zero).
     """
     import deepspeed
@@ -322,9 +337,12 @@ def save_adapter(engine, spec: JobSpec, tokenizer, label_names: list[str] | None
     names = {id(p): n for n, p in model.named_parameters()}
     target = Path(spec.output_dir, ADAPTER_DIR)
     zero3 = engine.zero_optimization_stage() == 3  # the final config's stage, not the spec's field
-    with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None, enabled=zero3):
-        if rank == 0:
-            state = {names[id(p)]: p.detach().to("cpu", copy=True) for p in trainable}
+    if zero3 and spec.method.name == "full":
+        state = consolidated_state_dict(engine)
+    else:
+        with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None, enabled=zero3):
+            if rank == 0:
+                state = {names[id(p)]: p.detach().to("cpu", copy=True) for p in trainable}
     if rank != 0:
         return str(target)
     Path(spec.output_dir).mkdir(parents=True, exist_ok=True)
