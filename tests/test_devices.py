@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from orchestrator.plan.precision import ASSUMED_GPU, CPU, Device, describe, prob
 from orchestrator.spec import SpecError, spec_from_dict
 from orchestrator.train.loop import train_worker
 from orchestrator.train.session import LocalContext
-from tests.tiny import write_job
+from tests.tiny import start_two_ranks, write_job
 
 ROOT = Path(__file__).resolve().parents[1]
 H100 = Device("cuda", "NVIDIA H100", (9, 0), True, 80e9, frozenset({"flash_attn"}))
@@ -226,19 +225,12 @@ print(json.dumps({"rank": rank, "eval_loss": final["eval_loss"]}))
 def test_the_loop_acts_on_the_final_deepspeed_config_not_the_spec_field(lm_job, tmp_path):
     """A user DeepSpeed JSON at ZeRO-3 under a spec left at stage 2, on two ranks: every rank must join each
     generated token's forward pass (partitioned parameters), or rank 0's sample generation waits forever."""
-    import socket
-
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 3}, "gradient_clipping": 1.0,
                                 "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "torch_adam": True}}}))
     job = write_job(tmp_path / "job.yaml", lm_job(deepspeed={"config": str(path)}, generation={"num_prompts": 1,
                     "max_new_tokens": 3}, train={"epochs": None, "max_steps": 2, "eval_every_steps": 2}))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2"}
-    ranks = [subprocess.Popen([sys.executable, "-c", TWO_RANKS, str(job)], env={**env, "RANK": r, "LOCAL_RANK": r},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in ("0", "1")]
+    ranks = start_two_ranks(TWO_RANKS, str(job))
     try:
         outputs = [rank.communicate(timeout=300) for rank in ranks]
     except subprocess.TimeoutExpired:

@@ -19,7 +19,7 @@ from orchestrator.plan.memory import RUNTIME_CPU, GiB, Setting, job_setting, par
 from orchestrator.spec import SpecError
 from orchestrator.train.shape import model_shape
 from tests.test_memory import LLAMA2_7B, _spec
-from tests.tiny import tiny_job, write_job
+from tests.tiny import refuse_the_launch, tiny_job, write_job
 
 LLAMA3_70B = {**LLAMA2_7B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
               "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256,
@@ -195,12 +195,7 @@ def test_the_recommendation_fits_the_node_too_and_the_plan_shows_host_memory_per
 
 def test_train_refuses_a_node_too_small_for_its_workers_before_ray_starts(tiny_model, tiny_data, tmp_path, capsys,
                                                                          monkeypatch):
-    from orchestrator.runtime import launcher
-
-    def reached(*_args, **_kwargs):  # connecting to (or starting) Ray is the first cluster step
-        raise SpecError("reached the launch")
-
-    monkeypatch.setattr(launcher, "connect", reached)
+    refuse_the_launch(monkeypatch)
     job = write_job(tmp_path / "job.yaml", tiny_job(tmp_path, tiny_model, tiny_data,
                                                     scaling={"num_workers": 2, "host_memory_gb": 1.5}))
     assert main(["train", str(job)]) == EXIT_BAD_INPUT

@@ -19,7 +19,7 @@ from orchestrator.plan.memory import GiB, Setting, estimate
 from orchestrator.spec import SpecError, spec_from_dict
 from orchestrator.train.shape import model_shape
 from tests.conftest import REPO
-from tests.tiny import tiny_job, write_job
+from tests.tiny import refuse_the_launch, tiny_job, write_job
 
 LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
              "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -186,12 +186,7 @@ def test_the_loss_taken_in_chunks_is_the_whole_loss():
 
 def test_train_refuses_a_job_that_does_not_fit_before_ray_starts(tiny_model, tiny_data, tmp_path, capsys,
                                                                  monkeypatch):
-    from orchestrator.runtime import launcher
-
-    def reached(*_args, **_kwargs):  # connecting to (or starting) Ray is the first cluster step
-        raise SpecError("reached the launch")
-
-    monkeypatch.setattr(launcher, "connect", reached)
+    refuse_the_launch(monkeypatch)
     job = write_job(tmp_path / "job.yaml", tiny_job(tmp_path, tiny_model, tiny_data,
                                                     scaling={"num_workers": 2, "device_memory_gb": 0.25}))
     assert main(["train", str(job)]) == EXIT_BAD_INPUT

@@ -8,17 +8,11 @@ shard at a time. The memory this saves is measured in ``tests/benchmarks/bench_z
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.tiny import tiny_lm_job, write_job
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.tiny import start_two_ranks, tiny_lm_job, write_job
 
 LOAD_ON_TWO_RANKS = """
 import json, os, sys, yaml
@@ -64,12 +58,7 @@ print(json.dumps({"rank": rank, "partitioned": partitioned, "local": local, "ful
 
 
 def _two_ranks(script: str, job: Path, timeout: int = 400) -> list[dict]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2"}
-    ranks = [subprocess.Popen([sys.executable, "-c", script, str(job)], env={**env, "RANK": r, "LOCAL_RANK": r},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in ("0", "1")]
+    ranks = start_two_ranks(script, str(job))
     try:
         outputs = [rank.communicate(timeout=timeout) for rank in ranks]
     finally:

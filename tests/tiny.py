@@ -260,3 +260,32 @@ def assert_racing_retrains_end_with_one_champion(world: dict, model: str, snapsh
         # each promotion compared against the champion in force when it held the lock
         assert version.tags["orchestrator.champion.previous_version"] == version.tags["orchestrator.champion_version"]
     assert not [m for m in client.search_registered_models() if m.name.endswith(".promotion-lock")]
+
+
+def start_two_ranks(script: str, *args: str) -> list:
+    """Two plain processes running ``script`` (``python -c``) as ranks 0 and 1 of one process group: a free
+    loopback port, MASTER_ADDR/MASTER_PORT, WORLD_SIZE 2, RANK and LOCAL_RANK set, the repository on PYTHONPATH."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": port, "WORLD_SIZE": "2"}
+    return [subprocess.Popen([sys.executable, "-c", script, *args], env={**env, "RANK": r, "LOCAL_RANK": r},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in ("0", "1")]
+
+
+def refuse_the_launch(monkeypatch) -> None:
+    """Makes connecting to (or starting) Ray, the first cluster step, fail with 'reached the launch': a test of a
+    refusal before Ray then sees that text only if the refusal came too late."""
+    from orchestrator.runtime import launcher
+    from orchestrator.spec import SpecError
+
+    def reached(*_args, **_kwargs):
+        raise SpecError("reached the launch")
+
+    monkeypatch.setattr(launcher, "connect", reached)
