@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from orchestrator.spec import DataSpec, JobSpec, ModelSpec, SpecError, saved_spec
-from orchestrator.train.modeling import JOB_FILE
+from orchestrator.train.modeling import JOB_FILE, cache_home
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def adapter_folder(reference: str, tracking_uri: str | None) -> str:
     if registry.is_registry_ref(reference):
         uri = registry.registry_uri(tracking_uri)
         store = hashlib.sha256(uri.encode()).hexdigest()[:12]  # NAME-vN is unique within one registry only
-        cache = Path(os.environ.get("ORCHESTRATOR_CACHE", Path.home() / ".cache" / "orchestrator"), "adapters", store)
+        cache = cache_home() / "adapters" / store
         return registry.resolve_adapter(reference, uri, str(cache))
     if not Path(reference, "adapter_config.json").is_file():
         raise SpecError(f"--adapter: {reference} is not a PEFT adapter folder (no adapter_config.json) and not a "

@@ -38,6 +38,12 @@ def resolve_model_path(path: str) -> str:
     return str(folder)
 
 
+def cache_home() -> Path:
+    """This machine's cache of derived files (dequantized GGUF folders, staged bases, pulled adapters):
+    $ORCHESTRATOR_CACHE, default ~/.cache/orchestrator."""
+    return Path(os.environ.get("ORCHESTRATOR_CACHE", Path.home() / ".cache" / "orchestrator"))
+
+
 def model_folder(model: ModelSpec) -> str:
     """The plain Hugging Face folder the base loads from: ``model.path`` resolved, or, with ``model.gguf_file``,
     that GGUF file dequantized once per machine into the cache (transformers dequantizes GGUF to fp32 on every
@@ -55,8 +61,7 @@ def model_folder(model: ModelSpec) -> str:
         raise SpecError(f"model.gguf_file: {gguf} does not exist; files there: {', '.join(found) or 'no .gguf'}")
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("ORCHESTRATOR_CACHE", Path.home() / ".cache" / "orchestrator"), "gguf",
-                 f"{gguf.stem}-{key}")
+    cache = cache_home() / "gguf" / f"{gguf.stem}-{key}"
     if not (cache / "config.json").is_file():
         _dequantize(gguf, cache, model.trust_remote_code)
     return str(cache)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.spec import ModelSpec
-from orchestrator.train.modeling import resolve_model_path
+from orchestrator.train.modeling import cache_home, resolve_model_path
 
 __all__ = ["MANIFEST", "CacheEntry", "SourceFile", "Staged", "cache_root", "evictions", "filesystem_type",
            "is_network_filesystem", "list_source", "release", "source_key", "stage_base"]
@@ -144,7 +144,7 @@ def cache_root(model: ModelSpec) -> Path:
     """``model.local_cache_dir``, else $ORCHESTRATOR_CACHE/bases (default ~/.cache/orchestrator/bases)."""
     if model.local_cache_dir:
         return Path(model.local_cache_dir).expanduser()
-    return Path(os.environ.get("ORCHESTRATOR_CACHE", Path.home() / ".cache" / "orchestrator"), "bases")
+    return cache_home() / "bases"
 
 
 def stage_base(model: ModelSpec, warn: Callable[[str], None] = lambda text: None) -> Staged:
