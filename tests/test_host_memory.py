@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import EXIT_BAD_INPUT, main
+from orchestrator.cli import main
 from orchestrator.plan import fitting
 from orchestrator.plan.fitting import Budget, fit_job
 from orchestrator.plan.host_memory import DEFAULT_SHARD, HOST_RUNTIME_GPU, loading_path, node_memory, workers_per_node
@@ -19,7 +19,7 @@ from orchestrator.plan.memory import RUNTIME_CPU, GiB, Setting, job_setting, par
 from orchestrator.spec import SpecError
 from orchestrator.train.shape import model_shape
 from tests.test_memory import LLAMA2_7B, _spec
-from tests.tiny import refuse_the_launch, tiny_job, write_job
+from tests.tiny import write_job
 
 LLAMA3_70B = {**LLAMA2_7B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
               "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256,
@@ -191,18 +191,3 @@ def test_the_recommendation_fits_the_node_too_and_the_plan_shows_host_memory_per
     assert "does NOT fit" in out and "recommended: lora, ZeRO-3" in out
     with pytest.raises(SpecError, match="--host-memory"):
         parse_memory("lots", "--host-memory")
-
-
-def test_train_refuses_a_node_too_small_for_its_workers_before_ray_starts(tiny_model, tiny_data, tmp_path, capsys,
-                                                                         monkeypatch):
-    refuse_the_launch(monkeypatch)
-    job = write_job(tmp_path / "job.yaml", tiny_job(tmp_path, tiny_model, tiny_data,
-                                                    scaling={"num_workers": 2, "host_memory_gb": 1.5}))
-    assert main(["train", str(job)]) == EXIT_BAD_INPUT
-    err = capsys.readouterr().err
-    assert "GiB of host memory per node (2 workers x (loading" in err
-    assert "scaling.host_memory_gb has 1.5 GiB" in err and "GiB per worker" not in err  # the node, not the device
-    assert "--skip-memory-check" in err and "reached the launch" not in err  # refused before any Ray step
-    assert not (tmp_path / "out").exists()
-    assert main(["train", str(job), "--skip-memory-check"]) == EXIT_BAD_INPUT  # the override: past the check
-    assert "reached the launch" in capsys.readouterr().err

@@ -184,14 +184,22 @@ def test_the_loss_taken_in_chunks_is_the_whole_loss():
     assert sum(nll for nll, _ in whole) == pytest.approx(reference.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("scaling,expected", [
+    ({"device_memory_gb": 0.25}, ["memory: the job needs about 1.0 GiB per worker", "0.2 GiB"]),
+    # host RAM per node (issue 20): the node's numbers, not the device's
+    ({"host_memory_gb": 1.5}, ["GiB of host memory per node (2 workers x (loading",
+                               "scaling.host_memory_gb has 1.5 GiB"]),
+], ids=["device", "host"])
 def test_train_refuses_a_job_that_does_not_fit_before_ray_starts(tiny_model, tiny_data, tmp_path, capsys,
-                                                                 monkeypatch):
+                                                                 monkeypatch, scaling, expected):
     refuse_the_launch(monkeypatch)
     job = write_job(tmp_path / "job.yaml", tiny_job(tmp_path, tiny_model, tiny_data,
-                                                    scaling={"num_workers": 2, "device_memory_gb": 0.25}))
+                                                    scaling={"num_workers": 2, **scaling}))
     assert main(["train", str(job)]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
-    assert "memory: the job needs about 1.0 GiB per worker" in err and "0.2 GiB" in err
+    assert all(text in err for text in expected), err
+    if "host_memory_gb" in scaling:
+        assert "GiB per worker" not in err
     assert "--skip-memory-check" in err and "reached the launch" not in err  # refused before any Ray step
     assert not (tmp_path / "out").exists()
     assert main(["train", str(job), "--skip-memory-check"]) == EXIT_BAD_INPUT  # the override: past the check
