@@ -71,3 +71,32 @@ def test_an_untrained_or_empty_adapter_is_refused(tmp_path):
     save_file({"a.lora_A.weight": torch.ones(2, 4), "a.lora_B.weight": torch.ones(4, 2)},
               tmp_path / "adapter_model.safetensors")
     _check_adapter(tmp_path)
+
+
+def test_a_digest_streams_the_file_and_is_kept_by_size_and_mtime(tmp_path, monkeypatch):
+    """The digest is the sha256 of the bytes, read in chunks (never the whole file in memory); an unchanged file
+    (same size and mtime) is not read again, and a changed one is."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    from orchestrator.train import data
+
+    monkeypatch.setenv("ORCHESTRATOR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "DIGEST_CHUNK", 1000)
+    file = tmp_path / "train.jsonl"
+    file.write_bytes(b"x" * 4500)
+    reads = []
+    real_open = open
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail("read whole"))
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: reads.append(str(f)) or real_open(f, *a, **k))
+    assert data.file_digest(str(file)) == hashlib.sha256(b"x" * 4500).hexdigest()
+    assert reads.count(str(file)) == 1
+    stat = file.stat()
+    file.write_bytes(b"y" * 4500)
+    os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, same mtime: judged unchanged
+    assert data.file_digest(str(file)) == hashlib.sha256(b"x" * 4500).hexdigest()
+    assert reads.count(str(file)) == 1  # served from the cache
+    os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert data.file_digest(str(file)) == hashlib.sha256(b"y" * 4500).hexdigest()
+    assert reads.count(str(file)) == 2

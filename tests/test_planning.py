@@ -50,19 +50,39 @@ def test_lr_schedule_warms_up_then_decays(kind):
 
 @pytest.mark.parametrize("count, world", [(10, 1), (10, 2), (11, 3), (7, 4)])
 def test_epoch_shards_are_equal_and_cover_the_data(count, world):
-    shards = [epoch_shard(count, rank, world, epoch=3, seed=1) for rank in range(world)]
+    shards = [epoch_shard(count, rank, world, epoch=3, seed=1).tolist() for rank in range(world)]
     assert len({len(s) for s in shards}) == 1
     assert set().union(*shards) == set(range(count))
-    assert shards == [epoch_shard(count, rank, world, epoch=3, seed=1) for rank in range(world)]
-    assert shards != [epoch_shard(count, rank, world, epoch=4, seed=1) for rank in range(world)] or count < 3
+    epoch_shard.cache_clear()  # the same shards computed afresh, not read back from the cache
+    assert shards == [epoch_shard(count, rank, world, epoch=3, seed=1).tolist() for rank in range(world)]
+    assert shards != [epoch_shard(count, rank, world, epoch=4, seed=1).tolist() for rank in range(world)] or count < 3
+
+
+def test_an_epochs_permutation_is_computed_once_not_per_micro_step(job, monkeypatch):
+    """The shuffle of all rows ran at every micro-step (480 ms per micro-batch at 1M rows): one per epoch now."""
+    import numpy as np
+
+    calls = []
+    real = np.random.default_rng
+    monkeypatch.setattr(np.random, "default_rng", lambda seed: calls.append(seed) or real(seed))
+    epoch_shard.cache_clear()
+    spec = spec_from_dict(job(train={"micro_batch_size": 4}, scaling={"num_workers": 1}))
+    plan = plan_batches(spec, 40)  # 10 micro-batches per epoch
+    steps = [micro_batch_indices(plan, 40, 0, step, 7) for step in range(30)]  # three epochs
+    assert len(calls) == 3
+    assert sorted(sum(steps[:10], [])) == list(range(40))  # each epoch still visits every row once
+
+
+def test_fewer_rows_than_workers_still_gives_every_rank_a_row():
+    assert [epoch_shard(1, rank, 4, 0, 0).tolist() for rank in range(4)] == [[0], [0], [0], [0]]
 
 
 def test_micro_batches_walk_the_epochs(job):
     spec = spec_from_dict(job(train={"micro_batch_size": 4}, scaling={"num_workers": 2}))
     plan = plan_batches(spec, 16)  # 8 per worker: 2 micro-batches per epoch
     epoch0 = micro_batch_indices(plan, 16, 0, 0, 7) + micro_batch_indices(plan, 16, 0, 1, 7)
-    assert epoch0 == epoch_shard(16, 0, 2, 0, 7)
-    assert micro_batch_indices(plan, 16, 0, 2, 7) == epoch_shard(16, 0, 2, 1, 7)[:4]
+    assert epoch0 == epoch_shard(16, 0, 2, 0, 7).tolist()
+    assert micro_batch_indices(plan, 16, 0, 2, 7) == epoch_shard(16, 0, 2, 1, 7)[:4].tolist()
 
 
 def test_eval_shards_pad_with_minus_one():

@@ -67,12 +67,64 @@ def read_table(path: str, field: str):
                     "datasets save_to_disk folder")
 
 
+DIGEST_CACHE = "digests.json"  # in cache_home(): (path, size, mtime) of each file -> sha256
+DIGEST_CHUNK = 1 << 20  # bytes read at a time: a digest never holds a file in memory
+DIGEST_CACHE_ENTRIES = 2000
+
+
 def file_digest(path: str) -> str:
+    """sha256 of a file's bytes (a folder: of its files' bytes, in sorted order), read 1 MiB at a time.
+
+    Kept in ``cache_home()/digests.json`` under the files' (path, size, mtime in ns), as make and rsync judge a
+    file unchanged: a rerun, a trial or ``validate`` on unchanged data reads nothing. A rewrite that keeps a
+    file's size and restores its mtime is not seen; delete the cache file after such a rewrite."""
+    root = Path(path)
+    files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    key = hashlib.sha256(repr(stats).encode()).hexdigest()
+    cache = _digest_cache()
+    if key in cache:
+        return cache[key]
     digest = hashlib.sha256()
-    for file in sorted(Path(path).rglob("*")) if Path(path).is_dir() else [Path(path)]:
-        if file.is_file():
-            digest.update(file.read_bytes())
+    for file in files:
+        stream_into(digest, file)
+    cache = {**_digest_cache(), key: digest.hexdigest()}  # re-read: another process may have added entries
+    _write_digest_cache(dict(list(cache.items())[-DIGEST_CACHE_ENTRIES:]))
     return digest.hexdigest()
+
+
+def stream_into(digest, file: Path) -> None:
+    with open(file, "rb") as handle:
+        while chunk := handle.read(DIGEST_CHUNK):
+            digest.update(chunk)
+
+
+def _digest_cache() -> dict[str, str]:
+    import json
+
+    from orchestrator.train.modeling import cache_home
+
+    try:
+        return json.loads((cache_home() / DIGEST_CACHE).read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: digests are recomputed, never trusted half-written
+        return {}
+
+
+def _write_digest_cache(cache: dict[str, str]) -> None:
+    import json
+    import os
+    import tempfile
+
+    from orchestrator.train.modeling import cache_home
+
+    try:
+        cache_home().mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(dir=cache_home(), prefix=".digests-")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(cache, handle)
+        os.replace(partial, cache_home() / DIGEST_CACHE)  # atomic: readers see the old file or the new one
+    except OSError:
+        pass  # a read-only cache only costs the next run a re-read
 
 
 def read_columns(path: str, field: str, spec: DataSpec) -> tuple[list[str], list[str]]:
@@ -160,5 +212,5 @@ def resolve_snapshot(rule: SnapshotSpec) -> Snapshot:
     digest = hashlib.sha256()
     for split, path in sorted(files.items()):
         digest.update(f"{split}:{Path(path).name}\n".encode())
-        digest.update(Path(path).read_bytes())
+        stream_into(digest, Path(path))
     return Snapshot(name, str(folder), files, digest.hexdigest())
