@@ -100,3 +100,33 @@ def test_a_digest_streams_the_file_and_is_kept_by_size_and_mtime(tmp_path, monke
     os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
     assert data.file_digest(str(file)) == hashlib.sha256(b"y" * 4500).hexdigest()
     assert reads.count(str(file)) == 2
+
+
+def test_classification_batches_from_the_tokens_made_once_equal_the_tokenizers_own_batches(job, tiny_model):
+    """Each split is tokenized once into flat arrays; a batch padded from them is the batch the tokenizer
+    builds from the texts (what every batch of every epoch did before), truncation included."""
+    from transformers import AutoTokenizer
+
+    from orchestrator.train.tasks import Classification, load_data, make_task
+
+    spec = spec_from_dict(job(data={"max_length": 8}))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    task = make_task(spec, load_data(spec), tokenizer)
+    calls = []
+    real = type(tokenizer).__call__
+    type(tokenizer).__call__ = lambda self, *a, **k: calls.append(a) or real(self, *a, **k)
+    try:
+        for split, indices in (("train", [5, 0, 17, 3]), ("validation", [1]), ("test", [2, 9])):
+            batch, tokens = task.batch(split, indices)
+            texts = [getattr(task.data, split).texts[i] for i in indices]
+            expected = real(tokenizer, texts, truncation=True, max_length=8, padding=True, return_tensors="pt")
+            assert torch.equal(batch["input_ids"], expected["input_ids"])
+            assert torch.equal(batch["attention_mask"], expected["attention_mask"])
+            assert tokens == int(expected["attention_mask"].sum())
+    finally:
+        type(tokenizer).__call__ = real
+    assert not calls  # batches tokenize nothing
+    short = Classification(task.data, tokenizer, 4)  # below the spec's floor: the tiny texts are 8 tokens at most
+    expected = tokenizer(task.data.train.texts[:3], truncation=True, max_length=4, padding=True, return_tensors="pt")
+    assert torch.equal(short.batch("train", [0, 1, 2])[0]["input_ids"], expected["input_ids"])
+    assert expected["input_ids"].shape[1] == 4  # truncated

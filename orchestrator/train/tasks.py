@@ -24,11 +24,17 @@ class Task(Protocol):
 
 
 class Classification:
-    """Texts and label indices; metrics: loss, accuracy, macro-F1."""
+    """Texts and label indices; metrics: loss, accuracy, macro-F1.
+
+    Every split is tokenized once, in batches (the fast tokenizer's batch call), into one flat int32 array of
+    token ids per split plus row offsets (4 bytes a token); a batch only pads its rows. Before, every batch of
+    every epoch tokenized its texts again."""
 
     def __init__(self, data, tokenizer, max_length: int):
         self.data, self.tokenizer, self.max_length = data, tokenizer, max_length
         self.label_names = data.label_names
+        self.tokens = {name: tokenize_texts(getattr(data, name).texts, tokenizer, max_length)
+                       for name in ("train", "validation", "test") if getattr(data, name) is not None}
 
     def _split(self, split: str):
         return getattr(self.data, split)
@@ -40,10 +46,10 @@ class Classification:
         """Model inputs with labels, and the number of non-padding tokens in them."""
         import torch
 
-        source = self._split(split)
-        batch = dict(self.tokenizer([source.texts[i] for i in indices], truncation=True, max_length=self.max_length,
-                                    padding=True, return_tensors="pt"))
-        batch["labels"] = torch.tensor([source.labels[i] for i in indices])
+        ids, offsets = self.tokens[split]
+        rows = [ids[offsets[i]:offsets[i + 1]].tolist() for i in indices]
+        batch = dict(self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt"))
+        batch["labels"] = torch.tensor([self._split(split).labels[i] for i in indices])
         return batch, int(batch["attention_mask"].sum())
 
     def eval_rows(self, logits, batch: dict[str, Any]) -> list[tuple]:
@@ -154,6 +160,24 @@ def _readable(record: dict[str, Any]) -> str:
     if "messages" in record:
         return [m["content"] for m in record["messages"] if m["role"] == "user"][-1]
     return record.get("prompt") or " ".join(record["text"].split()[:max(1, len(record["text"].split()) // 2)])
+
+
+def tokenize_texts(texts: list[str], tokenizer, max_length: int, chunk: int = 2048):
+    """Token ids of every text, truncated to ``max_length``, as (flat int32 ids, int64 row offsets of length
+    n + 1): what :meth:`Classification.batch` pads from."""
+    from itertools import chain
+
+    import numpy as np
+
+    pieces, lengths = [], []
+    for start in range(0, len(texts), chunk):
+        encoded = tokenizer(texts[start:start + chunk], truncation=True, max_length=max_length)["input_ids"]
+        sizes = [len(row) for row in encoded]
+        pieces.append(np.fromiter(chain.from_iterable(encoded), dtype=np.int32, count=sum(sizes)))
+        lengths += sizes
+    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return (np.concatenate(pieces) if pieces else np.zeros(0, np.int32)), offsets
 
 
 def make_task(spec: JobSpec, data, tokenizer) -> Classification | CausalLM:
