@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from orchestrator.spec import spec_from_dict
+from orchestrator.spec import SpecError, spec_from_dict
 from orchestrator.train.data import load_task_data
 from orchestrator.train.loop import _check_adapter
 from orchestrator.train.metrics import classification_metrics
@@ -86,6 +86,10 @@ def test_a_digest_streams_the_file_and_is_kept_by_size_and_mtime(tmp_path, monke
     monkeypatch.setattr(data, "DIGEST_CHUNK", 1000)
     file = tmp_path / "train.jsonl"
     file.write_bytes(b"x" * 4500)
+    assert data.file_digest(str(file)) == hashlib.sha256(b"x" * 4500).hexdigest()
+    assert not (tmp_path / "cache" / data.DIGEST_CACHE).exists()  # just written: may change within its mtime tick
+    old = file.stat().st_mtime_ns - 10 * data.RACY_NS
+    os.utime(file, ns=(old, old))
     reads = []
     real_open = open
     monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail("read whole"))
@@ -130,3 +134,32 @@ def test_classification_batches_from_the_tokens_made_once_equal_the_tokenizers_o
     expected = tokenizer(task.data.train.texts[:3], truncation=True, max_length=4, padding=True, return_tensors="pt")
     assert torch.equal(short.batch("train", [0, 1, 2])[0]["input_ids"], expected["input_ids"])
     assert expected["input_ids"].shape[1] == 4  # truncated
+
+
+@pytest.mark.parametrize("given", ["folder", "glob"])
+def test_a_folder_of_shards_or_a_glob_reads_as_one_file_and_errors_name_the_shard(job, tiny_data, tmp_path, given):
+    """Shards in sorted order give the rows of the one file they were cut from, with the same digest as the
+    same bytes change; a bad row is named by its shard and its row in that shard."""
+    lines = (tiny_data / "train.jsonl").read_text().splitlines()
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(3):
+        (shards / f"train-{i:05d}.jsonl").write_text("\n".join(lines[i * 64:(i + 1) * 64]) + "\n")
+    (shards / "README.md").write_text("not data")  # ignored: not a data file
+    path = str(shards) if given == "folder" else str(shards / "train-*.jsonl")
+    whole = load_task_data(spec_from_dict(job()).data)
+    sharded = load_task_data(spec_from_dict(job(data={"train": path})).data)
+    assert sharded.train.texts == whole.train.texts and sharded.train.labels == whole.train.labels
+    digest = sharded.train.digest
+    bad = lines[64:128]
+    bad[9] = json.dumps({"text": "  ", "label": "billing"})
+    (shards / "train-00001.jsonl").write_text("\n".join(bad) + "\n")
+    with pytest.raises(SpecError, match=r"row 10 of .*train-00001\.jsonl"):
+        load_task_data(spec_from_dict(job(data={"train": path})).data)
+    (shards / "train-00001.jsonl").write_text("\n".join(lines[64:128]) + "\n")
+    assert load_task_data(spec_from_dict(job(data={"train": path})).data).train.digest == digest
+
+
+def test_a_glob_that_matches_nothing_names_the_field_and_the_pattern(job, tmp_path):
+    with pytest.raises(SpecError, match=r"data\.train: no file matches .*nothing-\*\.jsonl"):
+        load_task_data(spec_from_dict(job(data={"train": str(tmp_path / "nothing-*.jsonl")})).data)

@@ -82,8 +82,10 @@ LM_FORMATS = ("prompt_completion", "chat", "text")
 
 
 class DataSpec(_Strict):
-    train: str | None = Field(None, description="Training data: .jsonl, .csv, .parquet, or a datasets save_to_disk "
-                                                "folder. Required unless retrain.data names snapshots.")
+    train: str | None = Field(None, description="Training data: .jsonl, .csv, .parquet, a datasets save_to_disk "
+                                                "folder, a folder of such files (shards, read in sorted order) or "
+                                                "a glob (data/train-*.parquet). Required unless retrain.data "
+                                                "names snapshots.")
     validation: str | None = None  # Validation data, same formats as train; else data.validation_split of train
     test: str | None = None  # Held-out test data, evaluated once after training (test_* metrics)
     text_column: str = "text"  # classification: the column holding the text

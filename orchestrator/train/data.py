@@ -6,7 +6,9 @@ before any Ray worker starts, with the file and the column named.
 
 from __future__ import annotations
 
+import glob
 import hashlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,12 +38,62 @@ class TaskData:
     test: Split | None
 
 
+FORMATS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+
+
+def data_files(path: str, field: str) -> list[Path]:
+    """The files ``path`` names: one file, a ``datasets`` save_to_disk folder (as one), every data file of a
+    folder of shards, or a glob's matches (``data/train-*.parquet``, ``**`` recursive), in sorted order."""
+    if any(char in path for char in "*?["):
+        files = sorted(Path(f) for f in glob.glob(path, recursive=True) if Path(f).is_file())
+        if not files:
+            raise SpecError(f"{field}: no file matches {path}")
+        return files
+    root = Path(path)
+    if not root.exists():
+        raise SpecError(f"{field}: {path} does not exist")
+    if root.is_dir() and not any((root / name).exists() for name in DATASETS_FOLDER_FILES):
+        files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in FORMATS)
+        if not files:
+            raise SpecError(f"{field}: {path} is a folder with no data files ({', '.join(FORMATS)}) and is not a "
+                            "datasets save_to_disk folder")
+        return files
+    return [root]
+
+
+DATASETS_FOLDER_FILES = ("state.json", "dataset_info.json", "dataset_dict.json")  # what save_to_disk writes
+
+
 def read_table(path: str, field: str):
+    """The rows of ``path`` as one pandas frame; with several files (a glob, a folder of shards) they are
+    concatenated in sorted file order, and ``frame.attrs["files"]`` keeps (file, rows) so errors name the file."""
     import pandas as pd
 
-    file = Path(path)
-    if not file.exists():
-        raise SpecError(f"{field}: {path} does not exist")
+    files = data_files(path, field)
+    frames = [read_file(file, field) for file in files]
+    frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    if len(frames) > 1:
+        columns = [list(map(str, f.columns)) for f in frames]
+        for file, names in zip(files, columns):
+            if set(names) != set(columns[0]):
+                raise SpecError(f"{field}: {file} has columns {names}, {files[0]} has {columns[0]}; every file of "
+                                f"{path} needs the same columns")
+    frame.attrs["files"] = [(str(file), len(f)) for file, f in zip(files, frames)]
+    return frame
+
+
+def locate(frame, path: str, row: int) -> str:
+    """'row R of FILE' for the 0-based row of a frame read by :func:`read_table` (R 1-based within its file)."""
+    for file, rows in frame.attrs.get("files", [(path, len(frame))]):
+        if row < rows:
+            return f"row {row + 1} of {file}"
+        row -= rows
+    return f"row {row + 1} of {path}"
+
+
+def read_file(file: Path, field: str):
+    import pandas as pd
+
     suffix = file.suffix.lower()
     try:
         if file.is_dir():
@@ -49,7 +101,7 @@ def read_table(path: str, field: str):
 
             loaded = load_from_disk(str(file))
             if hasattr(loaded, "keys"):  # a DatasetDict: the folder holds several splits
-                raise SpecError(f"{field}: {path} holds splits {list(loaded.keys())}; point at one split's folder")
+                raise SpecError(f"{field}: {file} holds splits {list(loaded.keys())}; point at one split's folder")
             return loaded.to_pandas()
         if suffix in (".jsonl", ".json"):
             return pd.read_json(file, lines=suffix == ".jsonl", dtype=False)
@@ -60,16 +112,17 @@ def read_table(path: str, field: str):
     except SpecError:
         raise
     except UnicodeDecodeError as error:
-        raise SpecError(f"{field}: {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+        raise SpecError(f"{field}: {file} is not UTF-8 text ({error.reason} at byte {error.start})") from None
     except Exception as error:  # pandas / pyarrow / datasets each raise their own parse errors
-        raise SpecError(f"{field}: cannot read {path}: {type(error).__name__}: {str(error)[:300]}") from None
-    raise SpecError(f"{field}: {path} has an unknown format; use .jsonl, .csv, .tsv, .parquet or a "
-                    "datasets save_to_disk folder")
+        raise SpecError(f"{field}: cannot read {file}: {type(error).__name__}: {str(error)[:300]}") from None
+    raise SpecError(f"{field}: {file} has an unknown format; use .jsonl, .csv, .tsv, .parquet, a datasets "
+                    "save_to_disk folder, a folder of such files or a glob")
 
 
 DIGEST_CACHE = "digests.json"  # in cache_home(): (path, size, mtime) of each file -> sha256
 DIGEST_CHUNK = 1 << 20  # bytes read at a time: a digest never holds a file in memory
 DIGEST_CACHE_ENTRIES = 2000
+RACY_NS = 2_000_000_000  # files younger than this are digested, never kept
 
 
 def file_digest(path: str) -> str:
@@ -79,7 +132,8 @@ def file_digest(path: str) -> str:
     file unchanged: a rerun, a trial or ``validate`` on unchanged data reads nothing. A rewrite that keeps a
     file's size and restores its mtime is not seen; delete the cache file after such a rewrite."""
     root = Path(path)
-    files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
+    listed = data_files(path, "data") if any(char in path for char in "*?[") else [root]
+    files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else listed
     stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     key = hashlib.sha256(repr(stats).encode()).hexdigest()
     cache = _digest_cache()
@@ -88,8 +142,11 @@ def file_digest(path: str) -> str:
     digest = hashlib.sha256()
     for file in files:
         stream_into(digest, file)
-    cache = {**_digest_cache(), key: digest.hexdigest()}  # re-read: another process may have added entries
-    _write_digest_cache(dict(list(cache.items())[-DIGEST_CACHE_ENTRIES:]))
+    # A file written in the last seconds may be rewritten within the same mtime tick (coarse on some file
+    # systems): not kept, as git does for "racily clean" entries.
+    if all(time.time_ns() - mtime > RACY_NS for _, _, mtime in stats):
+        cache = {**_digest_cache(), key: digest.hexdigest()}  # re-read: another process may have added entries
+        _write_digest_cache(dict(list(cache.items())[-DIGEST_CACHE_ENTRIES:]))
     return digest.hexdigest()
 
 
@@ -138,9 +195,9 @@ def read_columns(path: str, field: str, spec: DataSpec) -> tuple[list[str], list
     texts, labels = frame[spec.text_column].tolist(), frame[spec.label_column].tolist()
     for row, (text, label) in enumerate(zip(texts, labels)):
         if not isinstance(text, str) or not text.strip():
-            raise SpecError(f"{field}: row {row + 1} of {path} has an empty or non-text '{spec.text_column}'")
+            raise SpecError(f"{field}: {locate(frame, path, row)} has an empty or non-text '{spec.text_column}'")
         if label is None or (isinstance(label, str) and not label.strip()) or label != label:  # NaN != NaN
-            raise SpecError(f"{field}: row {row + 1} of {path} has no '{spec.label_column}'")
+            raise SpecError(f"{field}: {locate(frame, path, row)} has no '{spec.label_column}'")
     return texts, [str(label) for label in labels]
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.spec import DataSpec, SpecError
-from orchestrator.train.data import file_digest, read_table, validation_cut
+from orchestrator.train.data import file_digest, locate, read_table, validation_cut
 
 IGNORE = -100  # the label of a token that carries no loss (PyTorch's cross-entropy ignore_index)
 ROLES = ("system", "user", "assistant", "tool")
@@ -85,7 +85,7 @@ def _records(path: str, field: str, fmt: str, spec: DataSpec, frame=None) -> lis
                             f"; set {key}, or data.format to the format the file has")
     records = []
     for row, values in enumerate(frame[[c for _, c in needed]].itertuples(index=False), start=1):
-        where = f"{field}: row {row} of {path}"
+        where = f"{field}: {locate(frame, path, row - 1)}"
         if fmt == "chat":
             records.append({"messages": _messages(values[0], where)})
         elif fmt == "prompt_completion":
