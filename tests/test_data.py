@@ -163,3 +163,68 @@ def test_a_folder_of_shards_or_a_glob_reads_as_one_file_and_errors_name_the_shar
 def test_a_glob_that_matches_nothing_names_the_field_and_the_pattern(job, tmp_path):
     with pytest.raises(SpecError, match=r"data\.train: no file matches .*nothing-\*\.jsonl"):
         load_task_data(spec_from_dict(job(data={"train": str(tmp_path / "nothing-*.jsonl")})).data)
+
+
+@pytest.mark.parametrize("stopping", ["first_exhausted", "all_exhausted"])
+def test_a_mixture_is_the_rows_interleave_datasets_gives(job, tiny_data, tmp_path, stopping):
+    """data.train as [{path, weight}]: the rows in the order datasets.interleave_datasets draws them (weights
+    normalized, data.mixture_seed, data.mixture_stopping), checked per source; the digest covers the weights."""
+    from datasets import Dataset, interleave_datasets
+
+    rows = [json.loads(line) for line in (tiny_data / "train.jsonl").read_text().splitlines()]
+    a, b = rows[:150], rows[150:]
+    for name, part in (("a", a), ("b", b)):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(map(json.dumps, part)) + "\n")
+    mixture = [{"path": str(tmp_path / "a.jsonl"), "weight": 1}, {"path": str(tmp_path / "b.jsonl"), "weight": 3}]
+    spec = spec_from_dict(job(data={"train": mixture, "mixture_stopping": stopping, "mixture_seed": 5}))
+    got = load_task_data(spec.data)
+    expected = interleave_datasets([Dataset.from_list(a), Dataset.from_list(b)], probabilities=[0.25, 0.75], seed=5,
+                                   stopping_strategy=stopping)
+    assert got.train.texts == expected["text"]
+    assert got.label_names == sorted({r["label"] for r in expected})
+    reweighted = spec_from_dict(job(data={"train": [mixture[0], {**mixture[1], "weight": 2}],
+                                          "mixture_stopping": stopping, "mixture_seed": 5}))
+    assert load_task_data(reweighted.data).train.digest != got.train.digest
+
+
+@pytest.mark.parametrize("weight", [0, -1])
+def test_a_mixture_weight_not_above_zero_is_refused_naming_the_field(job, tiny_data, weight):
+    mixture = [{"path": str(tiny_data / "train.jsonl"), "weight": 1},
+               {"path": str(tiny_data / "train.jsonl"), "weight": weight}]
+    with pytest.raises(SpecError) as refused:
+        spec_from_dict(job(data={"train": mixture}))
+    # only the branch the list took: no "data.train.str: Input should be a valid string" beside it
+    assert str(refused.value).endswith(f": data.train.1.weight: Input should be greater than 0 (got {weight})")
+
+
+def test_a_bad_row_in_a_mixture_source_names_its_list_entry(job, tiny_data, tmp_path):
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "fine text", "label": "billing"}) + "\n"
+                                        + json.dumps({"text": "", "label": "billing"}) + "\n")
+    mixture = [{"path": str(tiny_data / "train.jsonl")}, {"path": str(tmp_path / "bad.jsonl")}]
+    with pytest.raises(SpecError, match=r"data\.train\[1\]\.path: row 2 of .*bad\.jsonl"):
+        load_task_data(spec_from_dict(job(data={"train": mixture})).data)
+
+
+def test_a_causal_lm_mixture_interleaves_records_and_refuses_sources_of_different_formats(tmp_path):
+    from datasets import Dataset, interleave_datasets
+
+    from orchestrator.spec import DataSpec
+    from orchestrator.train.data import validation_cut
+    from orchestrator.train.lm_data import load_lm_data
+
+    a = [{"prompt": f"question {i} :", "completion": f" answer {i}"} for i in range(12)]
+    b = [{"prompt": f"q {i} :", "completion": f" a {i}"} for i in range(30)]
+    for name, rows in (("a", a), ("b", b), ("text", [{"text": "plain words"}] * 3)):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+    spec = DataSpec(train=[{"path": str(tmp_path / "a.jsonl"), "weight": 2}, {"path": str(tmp_path / "b.jsonl")}],
+                    validation_split=0.2)
+    data = load_lm_data(spec)
+    order = interleave_datasets([Dataset.from_list(a), Dataset.from_list(b)], probabilities=[2 / 3, 1 / 3], seed=42)
+    mixed = list(order)
+    held = set(validation_cut(len(mixed), 0.2))
+    assert data.format == "prompt_completion"
+    assert data.train.records == [r for i, r in enumerate(mixed) if i not in held]
+    assert data.validation.records == [r for i, r in enumerate(mixed) if i in held]
+    with pytest.raises(SpecError, match=r"data\.train: the mixture's sources have different formats"):
+        load_lm_data(DataSpec(train=[{"path": str(tmp_path / "a.jsonl")}, {"path": str(tmp_path / "text.jsonl")}],
+                              validation_split=0.2))

@@ -48,7 +48,7 @@ def spec_from_dict(raw: dict[str, Any], source: str = "spec") -> JobSpec:
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as error:
-        raise SpecError(f"{source}: " + "\n  ".join(_describe(e) for e in error.errors())) from None
+        raise SpecError(f"{source}: " + "\n  ".join(_describe(e) for e in matched_branch(error.errors()))) from None
     spec = _resolve_paths(spec)
     if spec.tune:  # every point of the space must make a valid job
         problems = check_space(spec)
@@ -82,7 +82,7 @@ def saved_spec(raw: Any, source: str) -> JobSpec:
         return JobSpec.model_validate(known)
     except ValidationError as error:
         raise SpecError(f"{source}: the saved job does not validate: "
-                        + "\n  ".join(_describe(e) for e in error.errors())) from None
+                        + "\n  ".join(_describe(e) for e in matched_branch(error.errors()))) from None
 
 
 def _known_keys(raw: dict[str, Any], model: type[BaseModel], prefix: str, dropped: list[str]) -> dict[str, Any]:
@@ -118,6 +118,29 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         if not isinstance(node, dict):
             raise SpecError(f"override {override!r}: {part} is not a section")
     node[leaf] = yaml.safe_load(value) if value else None
+
+
+def matched_branch(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A union field's errors, from the branch the value took: ``data.train: [{path, weight: 0}]`` fails the
+    ``str`` branch at its top and the list branch inside an item; the type mismatch of the branch not taken is
+    dropped, and the branch's tag (``list[MixtureSource]``) leaves the field's path."""
+    def tag_at(error) -> int | None:
+        return next((i for i, part in enumerate(error["loc"]) if isinstance(part, str) and
+                     (part in ("str", "int", "float", "bool") or "[" in part)), None)
+
+    kept = []
+    for error in errors:
+        at = tag_at(error)
+        deeper = at is not None and any(
+            other is not error and tag_at(other) == at and other["loc"][:at] == error["loc"][:at]
+            and len(other["loc"]) > len(error["loc"]) for other in errors)
+        if deeper and error["type"].endswith("_type"):
+            continue  # the branch the value did not take
+        if at is not None and any(other is not error and other["loc"][:at] == error["loc"][:at]
+                                  and len(other["loc"]) != len(error["loc"]) for other in errors):
+            error = {**error, "loc": error["loc"][:at] + error["loc"][at + 1:]}
+        kept.append(error)
+    return kept
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -165,7 +188,10 @@ def _resolve_paths(spec: JobSpec) -> JobSpec:
     model_path = spec.model.path
     if Path(model_path).expanduser().exists() or model_path.startswith((".", "/", "~")):
         model_path = _absolute(model_path)
-    data = spec.data.model_copy(update={k: _absolute(getattr(spec.data, k)) for k in ("train", "validation", "test")})
+    data = spec.data.model_copy(update={k: _absolute(getattr(spec.data, k)) for k in ("validation", "test")})
+    train = spec.data.train
+    data = data.model_copy(update={"train": _absolute(train) if not isinstance(train, list) else
+                                   [source.model_copy(update={"path": _absolute(source.path)}) for source in train]})
     cache_dir = spec.model.local_cache_dir  # "~" stays for each worker to expand: a node's own home
     if cache_dir and not cache_dir.startswith("~"):
         cache_dir = _absolute(cache_dir)

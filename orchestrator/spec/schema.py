@@ -81,11 +81,23 @@ class ModelSpec(_Strict):
 LM_FORMATS = ("prompt_completion", "chat", "text")
 
 
+class MixtureSource(_Strict):
+    """One source of a training mixture (``data.train`` as a list)."""
+
+    path: str  # a file, folder of shards, datasets folder or glob, as data.train takes
+    weight: float = Field(1.0, gt=0, description="Sampling weight; the weights are normalized to probabilities.")
+
+
 class DataSpec(_Strict):
-    train: str | None = Field(None, description="Training data: .jsonl, .csv, .parquet, a datasets save_to_disk "
-                                                "folder, a folder of such files (shards, read in sorted order) or "
-                                                "a glob (data/train-*.parquet). Required unless retrain.data "
-                                                "names snapshots.")
+    train: str | list[MixtureSource] | None = Field(
+        None, description="Training data: .jsonl, .csv, .parquet, a datasets save_to_disk folder, a folder of such "
+                          "files (shards, read in sorted order) or a glob (data/train-*.parquet); or a list of "
+                          "{path, weight}: a mixture, sampled as datasets.interleave_datasets does. Required "
+                          "unless retrain.data names snapshots.")
+    mixture_stopping: Literal["first_exhausted", "all_exhausted"] = Field(
+        "first_exhausted", description="A mixture ends when its first source runs out (undersampling), or when "
+                                       "every source has been seen whole (the others repeat: oversampling).")
+    mixture_seed: int = 42  # the mixture's sampling order (datasets.interleave_datasets' seed)
     validation: str | None = None  # Validation data, same formats as train; else data.validation_split of train
     test: str | None = None  # Held-out test data, evaluated once after training (test_* metrics)
     text_column: str = "text"  # classification: the column holding the text

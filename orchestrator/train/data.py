@@ -210,10 +210,12 @@ def load_task_data(spec: DataSpec) -> TaskData:
     if spec.train is None:
         raise SpecError("data.train: not given; a retrain job takes its data from retrain.data's newest snapshot: "
                         "run it with orchestrator retrain (or orchestrator validate, which resolves the snapshot)")
-    texts, labels = read_columns(spec.train, "data.train", spec)
+    pairs = mixed(spec, lambda path, field: list(zip(*read_columns(path, field, spec))))  # (text, label) rows
+    texts, labels = [text for text, _ in pairs], [label for _, label in pairs]
     label_names = sorted(set(labels))
     if len(label_names) < 2:
-        raise SpecError(f"data.train: {spec.train} has only the label {label_names}; classification needs two or more")
+        raise SpecError(f"data.train: {train_source(spec)} has only the label {label_names}; classification needs "
+                        "two or more")
     index = {name: i for i, name in enumerate(label_names)}
 
     def split(name: str, source: str, split_texts: list[str], split_labels: list[str], digest: str) -> Split:
@@ -226,19 +228,50 @@ def load_task_data(spec: DataSpec) -> TaskData:
     if spec.validation_split:
         cut = validation_cut(len(texts), spec.validation_split)
         held = set(cut)
-        train = split("train", spec.train, [t for i, t in enumerate(texts) if i not in held],
-                      [y for i, y in enumerate(labels) if i not in held], file_digest(spec.train))
+        train = split("train", train_source(spec), [t for i, t in enumerate(texts) if i not in held],
+                      [y for i, y in enumerate(labels) if i not in held], train_digest(spec))
         val_texts, val_labels = [texts[i] for i in cut], [labels[i] for i in cut]
-        validation = split("validation", f"{spec.train}#validation_split={spec.validation_split}", val_texts,
+        validation = split("validation", f"{train_source(spec)}#validation_split={spec.validation_split}", val_texts,
                            val_labels, hashlib.sha256(repr((val_texts, val_labels)).encode()).hexdigest())
     else:
-        train = split("train", spec.train, texts, labels, file_digest(spec.train))
+        train = split("train", train_source(spec), texts, labels, train_digest(spec))
         validation = split("validation", spec.validation, *read_columns(spec.validation, "data.validation", spec),
                            file_digest(spec.validation))
     test = None
     if spec.test:
         test = split("test", spec.test, *read_columns(spec.test, "data.test", spec), file_digest(spec.test))
     return TaskData(label_names, train, validation, test)
+
+
+def mixed(spec: DataSpec, read) -> list:
+    """The training rows: ``read(path, field)`` of data.train, or of each mixture source, interleaved as
+    ``datasets.interleave_datasets(probabilities=normalized weights, seed=data.mixture_seed,
+    stopping_strategy=data.mixture_stopping)`` orders them (it computes the order, over row indices)."""
+    if isinstance(spec.train, str):
+        return read(spec.train, "data.train")
+    from datasets import Dataset, interleave_datasets
+
+    parts = [read(source.path, f"data.train[{i}].path") for i, source in enumerate(spec.train)]
+    total = sum(source.weight for source in spec.train)
+    indices = [Dataset.from_dict({"source": [k] * len(rows), "row": list(range(len(rows)))})
+               for k, rows in enumerate(parts)]
+    order = interleave_datasets(indices, probabilities=[source.weight / total for source in spec.train],
+                                seed=spec.mixture_seed, stopping_strategy=spec.mixture_stopping)
+    return [parts[k][row] for k, row in zip(order["source"], order["row"])]
+
+
+def train_source(spec: DataSpec) -> str:
+    if isinstance(spec.train, str):
+        return spec.train
+    return "mixture(" + ", ".join(f"{s.path}:{s.weight:g}" for s in spec.train) + f"; {spec.mixture_stopping})"
+
+
+def train_digest(spec: DataSpec) -> str:
+    """data.train's digest; a mixture's covers its sources' bytes, weights, stopping rule and seed."""
+    if isinstance(spec.train, str):
+        return file_digest(spec.train)
+    parts = [(s.path, s.weight, file_digest(s.path)) for s in spec.train]
+    return hashlib.sha256(repr((parts, spec.mixture_stopping, spec.mixture_seed)).encode()).hexdigest()
 
 
 def validation_cut(count: int, fraction: float) -> list[int]:

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.spec import DataSpec, SpecError
-from orchestrator.train.data import file_digest, locate, read_table, validation_cut
+from orchestrator.train.data import (
+    file_digest,
+    locate,
+    mixed,
+    read_table,
+    train_digest,
+    train_source,
+    validation_cut,
+)
 
 IGNORE = -100  # the label of a token that carries no loss (PyTorch's cross-entropy ignore_index)
 ROLES = ("system", "user", "assistant", "tool")
@@ -138,12 +146,22 @@ def load_lm_data(spec: DataSpec) -> LMData:
     """
     if spec.train is None:
         raise SpecError("data.train: not given")
-    fmt, train = read_records(spec.train, "data.train", spec)
+    formats = {}
+
+    def read(path: str, field: str) -> list[dict[str, Any]]:
+        formats[field], records = read_records(path, field, spec)
+        return records
+
+    train = mixed(spec, read)
+    fmt = next(iter(formats.values()))
+    if len(set(formats.values())) > 1:
+        raise SpecError(f"data.train: the mixture's sources have different formats ({formats}); set data.format, "
+                        "or give every source the same columns")
     if spec.validation_split:
         held = set(validation_cut(len(train), spec.validation_split))
         val = [r for i, r in enumerate(train) if i in held]
         train = [r for i, r in enumerate(train) if i not in held]
-        validation = LMSplit("validation", f"{spec.train}#validation_split={spec.validation_split}", val,
+        validation = LMSplit("validation", f"{train_source(spec)}#validation_split={spec.validation_split}", val,
                              hashlib.sha256(json.dumps(val).encode()).hexdigest())
     else:
         validation = LMSplit("validation", spec.validation, _records(spec.validation, "data.validation", fmt, spec),
@@ -151,7 +169,7 @@ def load_lm_data(spec: DataSpec) -> LMData:
     test = None
     if spec.test:
         test = LMSplit("test", spec.test, _records(spec.test, "data.test", fmt, spec), file_digest(spec.test))
-    return LMData(fmt, LMSplit("train", spec.train, train, file_digest(spec.train)), validation, test)
+    return LMData(fmt, LMSplit("train", train_source(spec), train, train_digest(spec)), validation, test)
 
 
 # ---------------------------------------------------------------------------------------------- rendering
