@@ -188,10 +188,11 @@ def _resolve_paths(spec: JobSpec) -> JobSpec:
     model_path = spec.model.path
     if Path(model_path).expanduser().exists() or model_path.startswith((".", "/", "~")):
         model_path = _absolute(model_path)
-    data = spec.data.model_copy(update={k: _absolute(getattr(spec.data, k)) for k in ("validation", "test")})
     train = spec.data.train
-    data = data.model_copy(update={"train": _absolute(train) if not isinstance(train, list) else
-                                   [source.model_copy(update={"path": _absolute(source.path)}) for source in train]})
+    train = ([source.model_copy(update={"path": _absolute(source.path)}) for source in train]
+             if isinstance(train, list) else _absolute(train))
+    data = spec.data.model_copy(update={"train": train, "validation": _absolute(spec.data.validation),
+                                        "test": _absolute(spec.data.test)})
     cache_dir = spec.model.local_cache_dir  # "~" stays for each worker to expand: a node's own home
     if cache_dir and not cache_dir.startswith("~"):
         cache_dir = _absolute(cache_dir)

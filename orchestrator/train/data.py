@@ -39,6 +39,7 @@ class TaskData:
 
 
 FORMATS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+DATASETS_FOLDER_FILES = ("state.json", "dataset_info.json", "dataset_dict.json")  # what save_to_disk writes
 
 
 def data_files(path: str, field: str) -> list[Path]:
@@ -59,9 +60,6 @@ def data_files(path: str, field: str) -> list[Path]:
                             "datasets save_to_disk folder")
         return files
     return [root]
-
-
-DATASETS_FOLDER_FILES = ("state.json", "dataset_info.json", "dataset_dict.json")  # what save_to_disk writes
 
 
 def read_table(path: str, field: str):
@@ -132,9 +130,11 @@ def file_digest(path: str) -> str:
     file unchanged: a rerun, a trial or ``validate`` on unchanged data reads nothing. A rewrite that keeps a
     file's size and restores its mtime is not seen; delete the cache file after such a rewrite."""
     root = Path(path)
-    listed = data_files(path, "data") if any(char in path for char in "*?[") else [root]
-    files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else listed
-    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    if root.is_dir():  # every file of the folder, a datasets folder's metadata included
+        files = sorted(f for f in root.rglob("*") if f.is_file())
+    else:  # one file, or a glob's matches
+        files = data_files(path, "data") if any(char in path for char in "*?[") else [root]
+    stats = [(str(f.resolve()), st.st_size, st.st_mtime_ns) for f, st in ((f, f.stat()) for f in files)]
     key = hashlib.sha256(repr(stats).encode()).hexdigest()
     cache = _digest_cache()
     if key in cache:
